@@ -1,0 +1,60 @@
+"""The one error root of netwatch, translated to exit codes only in ``cli.py``.
+
+::
+
+    NetwatchError                    exit 1 unless a subclass says otherwise
+    ├── ConfigError                  exit 2: bad config file (carries one line per problem)
+    ├── UsageError                   exit 2: bad command-line input
+    ├── ProbeError                   a probe could not even be attempted (bad spec)
+    ├── QueueError                   the durable station queue
+    │   ├── QueueFullError           max_bytes reached: the proxy answers 507
+    │   └── QueueKeyError            wrong or missing encryption key: fail fast
+    └── DaemonError                  a running daemon could not be reached or started
+
+Leaves that describe I/O failures also subclass the matching stdlib error where one
+exists, so ``except OSError`` keeps working for callers that do not know netwatch.
+"""
+
+from __future__ import annotations
+
+
+class NetwatchError(Exception):
+    """Root of every error netwatch raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(NetwatchError):
+    """The configuration is invalid; ``problems`` holds one human line per problem."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class UsageError(NetwatchError):
+    """The command line asked for something that cannot be done."""
+
+    exit_code = 2
+
+
+class ProbeError(NetwatchError):
+    """A probe could not be built or attempted (not a failed probe: that is a result)."""
+
+
+class QueueError(NetwatchError):
+    """The durable station queue failed."""
+
+
+class QueueFullError(QueueError):
+    """The queue reached ``max_bytes``; nothing already queued is touched."""
+
+
+class QueueKeyError(QueueError):
+    """The queue's encryption key is missing, malformed or does not open the entries."""
+
+
+class DaemonError(NetwatchError, ConnectionError):
+    """A running daemon could not be reached, or the daemon could not start."""

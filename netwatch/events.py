@@ -1,0 +1,79 @@
+"""Values that flow out of the monitor and the proxy to their listeners (metrics, MQTT,
+webhooks, the proxy's mode machine), and a small fan-out hub to deliver them.
+
+Listeners never block the producer: each subscriber has its own bounded buffer and the
+oldest event is dropped (and counted) when a slow subscriber falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChanged:
+    """A target's link state changed (``old`` is ``"unknown"`` at start-up)."""
+
+    site: str
+    target: str
+    type: str
+    old: str
+    new: str
+    since: datetime
+    peak: bool
+    latency_ms: float | None
+    loss: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChanged:
+    """The station proxy's mode changed."""
+
+    site: str
+    mode: str
+    reason: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot of the station queue."""
+
+    site: str
+    depth: int
+    oldest_age_s: float
+    dead: int
+
+
+Event = LinkChanged | ModeChanged | QueueStats
+
+
+class EventHub:
+    """Fan-out of events to any number of async subscribers."""
+
+    def __init__(self, buffer: int = 10_000) -> None:
+        self._buffer = buffer
+        self._queues: list[asyncio.Queue[Event]] = []
+        self.dropped = 0
+
+    def publish(self, event: Event) -> None:
+        """Deliver to every subscriber without waiting (plain function, callable anywhere)."""
+        for queue in self._queues:
+            if queue.full():
+                queue.get_nowait()
+                self.dropped += 1
+            queue.put_nowait(event)
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        """Yield events published from now on, until the consumer stops iterating."""
+        queue: asyncio.Queue[Event] = asyncio.Queue(self._buffer)
+        self._queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._queues.remove(queue)
