@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -43,7 +43,5 @@ class FakeClock:
         return self._wall
 
     def advance(self, seconds: float) -> None:
-        from datetime import timedelta
-
         self._mono += seconds
         self._wall += timedelta(seconds=seconds)

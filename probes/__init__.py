@@ -104,6 +104,8 @@ ProbeFactory = Callable[..., Probe]
 
 def registry() -> dict[str, ProbeFactory]:
     """Probe type name -> factory taking the probe's keyword parameters."""
+    # Imported here: the probe modules import ProbeResult from this package.
+    # ruff: noqa: PLC0415
     from probes.dns import DnsProbe
     from probes.http import HttpProbe
     from probes.icmp import IcmpProbe

@@ -1,0 +1,55 @@
+# netwatch: one entry point per thing a person wants to do on a fresh machine.
+#   make demo   - create the venv, install, run the demo on loopback
+#   make test   - install Debian test tools + venv, then lint, type-check and run every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
+	prometheus-blackbox-exporter nftables iproute2 nginx-light
+PYTEST_ARGS ?=
+
+.PHONY: venv deps demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests talk to (real Mosquitto, Prometheus, promtool, amtool, nft).
+# Installed only when missing, and only where apt-get and root are available.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "missing Debian packages:$$missing (install them as root; the tests that need them will skip)"; \
+		fi; \
+	fi
+
+demo: venv
+	$(BIN)/netwatch demo --duration 60
+
+lint: venv
+	$(BIN)/ruff check netwatch probes tests bench
+	$(BIN)/ruff format --check netwatch probes tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: deps venv lint typecheck unit
+
+bench: venv
+	$(BIN)/python bench/probe_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""The daemon's own HTTP endpoint: ``/metrics``, ``/healthz`` and ``/api/v1/status``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+StatusProvider = Callable[[], dict[str, Any]]
+
+
+def build_app(registry: CollectorRegistry, status: StatusProvider) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        # Rendering 1,000 targets' series takes milliseconds: keep it off the event loop so
+        # a scrape never delays a probe.
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def api_status(_: web.Request) -> web.Response:
+        return web.json_response(status())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/status", api_status)
+    return app
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@asynccontextmanager
+async def serve(app: web.Application, listen: str) -> AsyncIterator[web.AppRunner]:
+    """Serve ``app`` on ``host:port`` for the lifetime of the context."""
+    host, port = split_listen(listen)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        yield runner
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,244 @@
+"""The command line: the only place that parses argv, configures logging and picks exit codes.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config. Errors are one line on
+stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from netwatch import __version__
+from netwatch.errors import ConfigError, NetwatchError, UsageError
+from netwatch.logs import configure_logging
+
+
+class _State:
+    debug = False
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"netwatch: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="netwatch")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="auto: JSON lines when stderr is not a terminal.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def cli(debug: bool, log_format: str, log_level: str) -> None:
+    """netwatch: link monitoring and offline queue-and-replay for ID-card issuing sites."""
+    _State.debug = debug
+    configure_logging("debug" if debug else log_level, log_format)  # type: ignore[arg-type]
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The site's YAML config file.",
+)
+
+
+@cli.command()
+@config_option
+def run(config_path: Path) -> None:
+    """Run the site daemon: probes, link states, metrics, MQTT, and the proxy if configured."""
+    from netwatch.daemon import run_daemon
+
+    asyncio.run(run_daemon(config_path, role="site"))
+
+
+@cli.command()
+@config_option
+def proxy(config_path: Path) -> None:
+    """Run only the station proxy (with its own guard probe of the upstream)."""
+    from netwatch.config import load_config
+    from netwatch.daemon import run_daemon
+
+    if load_config(config_path).proxy is None:
+        raise ConfigError(f"{config_path}: proxy: section missing; `netwatch proxy` needs it")
+    asyncio.run(run_daemon(config_path, role="proxy"))
+
+
+@cli.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(path: Path) -> None:
+    """Validate a config file: exit 0, or 2 with one line per problem."""
+    from netwatch.config import load_config
+
+    config = load_config(path)
+    extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
+    click.echo(f"{path}: ok ({len(config.targets)} targets{extra})")
+
+
+@cli.command()
+@click.argument(
+    "probe_type", metavar="TYPE", type=click.Choice(["icmp", "tcp", "http", "dns", "tls"])
+)
+@click.argument("target")
+@click.option("--timeout", default="2s", show_default=True, help="Probe timeout (e.g. 500ms, 2s).")
+@click.option("--count", default=5, show_default=True, help="icmp: echoes per round.")
+@click.option("--expect-status", multiple=True, type=int, help="http: accepted status (repeat).")
+@click.option("--body-regex", default=None, help="http: the body must match this regex.")
+@click.option("--insecure", is_flag=True, help="http/tls: do not verify the certificate.")
+@click.option("--record", default="A", type=click.Choice(["A", "AAAA"]), help="dns: record type.")
+@click.option("--server", default=None, help="dns: nameserver host[:port].")
+@click.option("--expect", multiple=True, help="dns: expected address (repeat).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def probe(
+    probe_type: str,
+    target: str,
+    timeout: str,
+    count: int,
+    expect_status: tuple[int, ...],
+    body_regex: str | None,
+    insecure: bool,
+    record: str,
+    server: str | None,
+    expect: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Run one probe now: icmp HOST, tcp HOST:PORT, http URL, dns NAME, tls HOST[:PORT]."""
+    from netwatch.oneshot import probe_params, render_result, run_probe
+
+    params = probe_params(
+        probe_type,
+        target,
+        count=count,
+        expect_status=expect_status,
+        body_regex=body_regex,
+        insecure=insecure,
+        record=record,
+        server=server,
+        expect=expect,
+    )
+    result = run_probe(probe_type, params, timeout)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        render_result(result)
+    sys.exit(0 if result.success else 1)
+
+
+@cli.command()
+@click.option(
+    "--url", default=None, help="Daemon base URL [default: from -c, else http://127.0.0.1:9108]."
+)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
+    """Show link states, proxy mode and queue depth of a running daemon."""
+    from netwatch.oneshot import fetch_status, render_status
+
+    if url is None:
+        listen = "127.0.0.1:9108"
+        if config_path is not None:
+            from netwatch.config import load_config
+
+            listen = load_config(config_path).metrics.listen
+        host, _, port = listen.rpartition(":")
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
+    data = fetch_status(url)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        render_status(data)
+
+
+@cli.command()
+@click.option("--duration", default=60.0, show_default=True, type=float, help="Seconds to run.")
+@click.option(
+    "--seconds-per-hour",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="How many real seconds one simulated hour lasts.",
+)
+@click.option("--stations", default=3, show_default=True, type=int, help="Simulated stations.")
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--metrics-port", default=0, type=int, help="Port for /metrics [default: free port].")
+def demo(
+    duration: float, seconds_per_hour: float, stations: int, seed: int, metrics_port: int
+) -> None:
+    """Everything on loopback: simulated population database, daemon, proxy and stations."""
+    from netwatch.demo import DemoOptions, run_demo
+
+    if duration <= 0 or seconds_per_hour <= 0 or stations < 0:
+        raise UsageError("--duration and --seconds-per-hour must be positive, --stations >= 0")
+    summary = asyncio.run(
+        run_demo(
+            DemoOptions(
+                duration=duration,
+                seconds_per_hour=seconds_per_hour,
+                stations=stations,
+                seed=seed,
+                metrics_port=metrics_port,
+            )
+        )
+    )
+    sys.exit(0 if summary.ok else 1)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Create a queue encryption key file (32 random bytes, mode 0600)."""
+    from netwatch.proxy.crypto import generate_key_file
+
+    generate_key_file(path)
+    click.echo(f"{path}: key written (keep it safe: queued entries cannot be read without it)")
+
+
+def _attach_queue() -> None:
+    from netwatch.queue_cmd import queue
+
+    cli.add_command(queue)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: maps every error to one line and an exit code."""
+    _attach_queue()
+    try:
+        cli.main(args=argv, prog_name="netwatch", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 1)
+    except click.ClickException as exc:
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        _fail(exc.format_message(), 2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except NetwatchError as exc:
+        if _State.debug:
+            raise
+        if isinstance(exc, ConfigError):
+            for line in exc.problems:
+                click.echo(line, err=True)
+            sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if _State.debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

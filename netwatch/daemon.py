@@ -1,0 +1,179 @@
+"""Wires the parts of a site together and owns their lifetimes.
+
+Everything long-lived is entered in one ``AsyncExitStack`` (closed in reverse) and every
+long-lived task belongs to one ``TaskGroup``. SIGTERM / SIGINT stop the daemon cleanly;
+SIGHUP reloads the config (unchanged targets keep their state; an invalid new config is
+logged and the old one kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from netwatch import __version__
+from netwatch.api import build_app, serve
+from netwatch.clock import Clock, SystemClock
+from netwatch.config import Config, load_config
+from netwatch.errors import ConfigError
+from netwatch.events import EventHub, LinkChanged
+from netwatch.metrics import MonitorMetrics, TimeCollector
+from netwatch.monitor import Monitor
+from netwatch.schedule import PeakSchedule
+from netwatch.wiring import Extras
+
+log = structlog.get_logger("netwatch.daemon")
+
+Role = Literal["site", "proxy"]
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to unwind every task on a stop signal."""
+
+
+class Daemon:
+    """One site daemon (``role="site"``) or a stand-alone station proxy (``role="proxy"``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        role: Role = "site",
+        clock: Clock | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.role = role
+        self.clock = clock or SystemClock()
+        self.registry = registry or CollectorRegistry()
+        self.hub = EventHub()
+        self.schedule = PeakSchedule.from_config(config)
+        self.metrics = MonitorMetrics(self.registry, config.site.id, __version__)
+        guard_only = config.proxy.guard if role == "proxy" and config.proxy else None
+        self.monitor = Monitor(
+            config,
+            clock=self.clock,
+            schedule=self.schedule,
+            metrics=self.metrics,
+            listeners=[self.hub.publish],
+            only=guard_only,
+        )
+        self.registry.register(
+            TimeCollector(config.site.id, self.is_peak, self.monitor.outage_totals)
+        )
+        self.extras = Extras(self)
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._reloads: asyncio.Queue[None] = asyncio.Queue()
+
+    def is_peak(self) -> bool:
+        return self.monitor.schedule.is_peak(self.clock.now())
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /api/v1/status`` and ``netwatch status`` show."""
+        site = self.config.site
+        return {
+            "site": {"id": site.id, "name": site.name, "timezone": site.timezone},
+            "version": __version__,
+            "role": self.role,
+            "peak": self.is_peak(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "targets": self.monitor.snapshot(),
+            **self.extras.status(),
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reloads.put_nowait(None)
+
+    async def run(self) -> None:
+        """Run until ``stop()`` (or a signal): exits normally on a clean stop."""
+        loop = asyncio.get_running_loop()
+        handlers: list[signal.Signals] = []
+        for sig, action in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self.request_reload),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, action)
+                handlers.append(sig)
+        try:
+            async with AsyncExitStack() as stack:
+                await self.extras.enter(stack)
+                if self.role == "site":
+                    app = build_app(self.registry, self.status)
+                    await stack.enter_async_context(serve(app, self.config.metrics.listen))
+                    log.info(
+                        "metrics_listening",
+                        url=f"http://{self.config.metrics.listen}/metrics",
+                    )
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        self.monitor.start(tg)
+                        self.extras.start(tg)
+                        tg.create_task(self._reload_loop(), name="reload")
+                        tg.create_task(self._wait_stop(), name="stop")
+                        log.info(
+                            "daemon_started",
+                            role=self.role,
+                            site=self.config.site.id,
+                            targets=len(self.monitor.targets),
+                            version=__version__,
+                        )
+                except* _Shutdown:
+                    pass
+        finally:
+            for handled in handlers:
+                loop.remove_signal_handler(handled)
+        log.info("daemon_stopped", site=self.config.site.id)
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        log.info("daemon_stopping", site=self.config.site.id)
+        raise _Shutdown
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reloads.get()
+            self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the config file; keep the old config when the new one is invalid."""
+        if self.config_path is None:
+            log.warning("config_reload_skipped", reason="no config file")
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(  # noqa: TRY400 - the problems are the message; a traceback adds nothing
+                "config_reload_failed", problems=exc.problems, kept="previous config"
+            )
+            return False
+        diff = self.monitor.reload(new)
+        self.extras.reload(new)
+        self.config = self.monitor.config
+        log.info("config_reloaded", **{k: v for k, v in diff.items() if v})
+        return True
+
+    def link_listener(self, callback: Callable[[LinkChanged], None]) -> None:
+        self.monitor.add_listener(callback)
+
+
+async def run_daemon(config_path: Path, *, role: Role = "site") -> None:
+    config = load_config(config_path)
+    daemon = Daemon(config, config_path=config_path, role=role)
+    await daemon.run()

@@ -1,0 +1,150 @@
+"""One-shot commands: ``netwatch probe`` and ``netwatch status`` (parsing and rendering)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from rich.console import Console
+from rich.table import Table
+
+import probes
+from netwatch.config import parse_duration
+from netwatch.errors import DaemonError, UsageError
+from probes import ProbeResult
+
+_STATE_STYLE = {"up": "green", "degraded": "yellow", "down": "bold red", "unknown": "dim"}
+_MODE_STYLE = {"online": "green", "replaying": "yellow", "offline": "bold red"}
+
+
+def _host_port(target: str, default_port: int | None) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if sep and port.isdigit() and host:
+        return host.strip("[]"), int(port)
+    if default_port is None:
+        raise UsageError(f"{target!r}: expected HOST:PORT")
+    return target.strip("[]"), default_port
+
+
+def probe_params(
+    probe_type: str,
+    target: str,
+    *,
+    count: int,
+    expect_status: tuple[int, ...],
+    body_regex: str | None,
+    insecure: bool,
+    record: str,
+    server: str | None,
+    expect: tuple[str, ...],
+) -> dict[str, Any]:
+    """Turn the command line into the probe's keyword parameters."""
+    if probe_type == "icmp":
+        return {"host": target, "count": count}
+    if probe_type == "tcp":
+        host, port = _host_port(target, None)
+        return {"host": host, "port": port}
+    if probe_type == "http":
+        if not target.startswith(("http://", "https://")):
+            raise UsageError(f"{target!r}: expected an http:// or https:// URL")
+        return {
+            "url": target,
+            "expect_status": expect_status or (200,),
+            "body_regex": body_regex,
+            "verify_tls": not insecure,
+        }
+    if probe_type == "dns":
+        return {"query": target, "record": record, "server": server, "expect": expect}
+    host, port = _host_port(target, 443)
+    return {"host": host, "port": port, "verify": not insecure}
+
+
+def run_probe(probe_type: str, params: dict[str, Any], timeout: str) -> ProbeResult:
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        raise UsageError(f"--timeout: {exc}") from None
+    try:
+        probe = probes.create(probe_type, **params)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+    async def once() -> ProbeResult:
+        try:
+            return await probe.run(seconds)
+        finally:
+            if probe_type == "http":
+                from probes.http import close_shared_sessions  # noqa: PLC0415 - http only
+
+                await close_shared_sessions()
+
+    return asyncio.run(once())
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def render_result(result: ProbeResult, console: Console | None = None) -> None:
+    console = console or Console()
+    verdict = "[green]ok[/]" if result.success else f"[bold red]failed[/] ({result.error})"
+    console.print(f"{result.type} {result.target}: {verdict}  latency {_ms(result.latency)}")
+    if result.message:
+        console.print(f"  {result.message}")
+    if result.loss is not None and result.type == "icmp":
+        console.print(f"  loss {result.loss:.0%}, replies {len(result.rtts)}")
+    for phase, seconds in result.phases.items():
+        console.print(f"  {phase:<11} {_ms(seconds)}")
+    for key, value in result.details.items():
+        console.print(f"  {key}: {value}")
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    endpoint = url.rstrip("/") + "/api/v1/status"
+    try:
+        with urlopen(endpoint, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
+            data: dict[str, Any] = json.load(resp)
+    except (URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DaemonError(f"cannot reach the daemon at {endpoint}: {reason}") from None
+    return data
+
+
+def render_status(data: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    site = data.get("site", {})
+    peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
+    console.print(
+        f"[bold]{site.get('id')}[/] {site.get('name', '')}  netwatch {data.get('version')}  "
+        f"{peak}  up {data.get('uptime_s', 0):.0f}s"
+    )
+    table = Table("target", "type", "state", "since", "latency", "loss", "last error")
+    for t in data.get("targets", []):
+        last = t.get("last") or {}
+        state = t.get("state", "unknown")
+        loss = last.get("loss")
+        table.add_row(
+            t.get("name"),
+            t.get("type"),
+            f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
+            (t.get("since") or "-")[:19],
+            "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
+            "-" if loss is None else f"{loss:.0%}",
+            last.get("error") or "",
+        )
+    console.print(table)
+    proxy = data.get("proxy")
+    if proxy:
+        mode = proxy.get("mode", "?")
+        queue = proxy.get("queue", {})
+        console.print(
+            f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')})  "
+            f"queue {queue.get('depth', 0)} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
+            f"{queue.get('dead', 0)} dead"
+        )
+    mqtt = data.get("mqtt")
+    if mqtt:
+        console.print(f"mqtt {'connected' if mqtt.get('connected') else 'disconnected'}")
