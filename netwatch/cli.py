@@ -169,7 +169,7 @@ def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
 @click.option("--duration", default=60.0, show_default=True, type=float, help="Seconds to run.")
 @click.option(
     "--seconds-per-hour",
-    default=2.0,
+    default=4.0,
     show_default=True,
     type=float,
     help="How many real seconds one simulated hour lasts.",
@@ -177,11 +177,22 @@ def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
 @click.option("--stations", default=3, show_default=True, type=int, help="Simulated stations.")
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--metrics-port", default=0, type=int, help="Port for /metrics [default: free port].")
+@click.pass_context
 def demo(
-    duration: float, seconds_per_hour: float, stations: int, seed: int, metrics_port: int
+    ctx: click.Context,
+    duration: float,
+    seconds_per_hour: float,
+    stations: int,
+    seed: int,
+    metrics_port: int,
 ) -> None:
     """Everything on loopback: simulated population database, daemon, proxy and stations."""
     from netwatch.demo import DemoOptions, run_demo
+
+    root = ctx.find_root()
+    if root.params.get("log_level") == "info" and not root.params.get("debug"):
+        # The live view owns the terminal: only warnings and errors go to stderr.
+        configure_logging("warning", root.params.get("log_format", "auto"))
 
     if duration <= 0 or seconds_per_hour <= 0 or stations < 0:
         raise UsageError("--duration and --seconds-per-hour must be positive, --stations >= 0")

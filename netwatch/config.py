@@ -1,155 +1,121 @@
 """YAML config -> pydantic schema -> frozen settings, parsed once at the edge.
 
 ``load_config(path)`` is the only entry point the rest of netwatch uses. Every problem
-becomes one line of a ``ConfigError`` naming the key path and the file line.
+becomes one line of a ``ConfigError``: ``FILE:LINE: KEY.PATH: message``, all problems at
+once, so an operator fixes a file in one pass. The pieces:
+
+- ``netwatch.yamlpos``: YAML -> plain data + the line of each key path, ``${ENV}``
+  expansion, duplicate keys;
+- ``netwatch.units``: durations, sizes, rates, times of day, day names;
+- this module: the schema, cross-field checks, and turning it all into problem lines;
+- ``netwatch.configerrors``: pydantic errors -> readable, located messages.
+
+Every model is frozen (assignment raises) and mappings inside are read-only views.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
+from netwatch.configerrors import translate
 from netwatch.errors import ConfigError
+from netwatch.units import (
+    Days,
+    Duration,
+    HttpUrl,
+    Listen,
+    MqttUrl,
+    Name,
+    Rate,
+    Size,
+    TimeOfDay,
+    Timezone,
+    parse_days,
+    parse_duration,
+    parse_rate,
+    parse_size,
+    parse_time_of_day,
+)
+from netwatch.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
 
-# --- scalar types -------------------------------------------------------------------------
+__all__ = [
+    "AnyTarget",
+    "Config",
+    "Defaults",
+    "DnsTarget",
+    "HttpTarget",
+    "IcmpTarget",
+    "Link",
+    "Metrics",
+    "Mqtt",
+    "Notify",
+    "PeakWindow",
+    "Proxy",
+    "Queue",
+    "Replay",
+    "Replayable",
+    "Scheduler",
+    "Site",
+    "TcpTarget",
+    "TlsTarget",
+    "Webhook",
+    "load_config",
+    "parse_config",
+    "parse_days",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+    "parse_time_of_day",
+]
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-    "TiB": 1024**4,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-    "TB": 1000**4,
-}
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
-_TIME_RE = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# Validation context flag: parse_config runs the cross-field checks itself, on the raw data,
+# so that they are reported with their lines and alongside every other problem.
+_LOCATED = "netwatch.located_cross_checks"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+# Read-only so that a frozen model is frozen all the way down.
+Headers = Annotated[
+    Mapping[str, str],
+    AfterValidator(MappingProxyType),
+    PlainSerializer(dict, return_type=dict[str, str]),
+]
 
 
-def parse_duration(value: Any) -> float:
-    """``500ms``, ``5s``, ``2m``, ``72h``, ``1d`` (or a bare number of seconds) -> seconds."""
+def _no_headers() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+def _empty_is_none(value: Any) -> Any:
+    # `${VAR:-}` is how a file says "optional secret": unset must mean absent, not "".
+    return None if value == "" else value
+
+
+OptionalText = Annotated[str | None, BeforeValidator(_empty_is_none)]
+
+
+def _yes_no(value: Any) -> Any:
+    # YAML 1.1 reads unquoted yes/no as booleans; the operator meant the words.
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 5s, 2m or 72h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION_RE.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a duration (use 500ms, 5s, 2m, 72h)")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """``512MiB``, ``1GiB``, ``10MB`` or a number of bytes -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 512MiB")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE_RE.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a size (use 512MiB, 1GiB)")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    if size <= 0:
-        raise ValueError("a size must be positive")
-    return size
-
-
-def parse_rate(value: Any) -> float:
-    """``50/s``, ``300/m`` -> events per second."""
-    if isinstance(value, bool):
-        raise ValueError("expected a rate such as 50/s")
-    if isinstance(value, int | float):
-        rate = float(value)
-    else:
-        match = _RATE_RE.match(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a rate (use 50/s or 300/m)")
-        rate = float(match.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
-    if rate <= 0:
-        raise ValueError("a rate must be positive")
-    return rate
-
-
-def parse_time_of_day(value: Any) -> str:
-    """``"07:30"`` -> ``"07:30"`` (validated, zero-padded)."""
-    if isinstance(value, int):
-        # YAML 1.1 reads an unquoted 07:30 as a sexagesimal integer (450).
-        raise ValueError(f"write times of day in quotes, e.g. \"{value // 60:02d}:{value % 60:02d}\"")
-    match = _TIME_RE.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a time of day (use \"HH:MM\", 00:00-23:59)")
-    return f"{int(match.group(1)):02d}:{match.group(2)}"
-
-
-def parse_days(value: Any) -> tuple[str, ...]:
-    """``[mon, tue]``, ``[mon-fri]`` or ``"mon-fri"`` -> ordered weekday names."""
-    items = [value] if isinstance(value, str) else list(value)
-    days: set[int] = set()
-    for item in items:
-        text = str(item).strip().lower()
-        if "-" in text:
-            first, _, last = text.partition("-")
-            if first not in _DAYS or last not in _DAYS:
-                raise ValueError(f"{item!r} is not a day range (use mon-fri)")
-            lo, hi = _DAYS.index(first), _DAYS.index(last)
-            span = range(lo, hi + 1) if lo <= hi else [*range(lo, 7), *range(hi + 1)]
-            days.update(span)
-        elif text in _DAYS:
-            days.add(_DAYS.index(text))
-        else:
-            raise ValueError(f"{item!r} is not a day (use mon, tue, wed, thu, fri, sat, sun)")
-    if not days:
-        raise ValueError("at least one day is needed")
-    return tuple(_DAYS[d] for d in sorted(days))
-
-
-def _check_listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not host:port")
+        return "yes" if value else "no"
     return value
-
-
-def _check_timezone(value: str) -> str:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown timezone {value!r}") from None
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-Rate = Annotated[float, BeforeValidator(parse_rate)]
-TimeOfDay = Annotated[str, BeforeValidator(parse_time_of_day)]
-Days = Annotated[tuple[str, ...], BeforeValidator(parse_days)]
-Listen = Annotated[str, AfterValidator(_check_listen)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 
 
 class Frozen(BaseModel):
@@ -162,7 +128,7 @@ class Frozen(BaseModel):
 class Site(Frozen):
     id: Name
     name: str = ""
-    timezone: Annotated[str, AfterValidator(_check_timezone)] = "Asia/Ho_Chi_Minh"
+    timezone: Timezone = "Asia/Ho_Chi_Minh"
 
 
 class PeakWindow(Frozen):
@@ -193,24 +159,24 @@ class IcmpTarget(_TargetBase):
     host: str
     count: Annotated[int, Field(ge=1, le=100)] = 5
     spacing: Duration = 0.2
-    privileged: Literal["auto", "yes", "no"] = "auto"
-    fallback_tcp_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    privileged: Annotated[Literal["auto", "yes", "no"], BeforeValidator(_yes_no)] = "auto"
+    fallback_tcp_port: Port | None = None
 
 
 class TcpTarget(_TargetBase):
     type: Literal["tcp"]
     host: str
-    port: Annotated[int, Field(ge=1, le=65535)]
+    port: Port
 
 
 class HttpTarget(_TargetBase):
     type: Literal["http"]
-    url: Annotated[str, Field(pattern=r"^https?://.+")]
+    url: HttpUrl
     method: Literal["GET", "HEAD", "POST"] = "GET"
     expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (200,)
-    body_regex: str | None = None
+    body_regex: OptionalText = None
     verify_tls: bool = True
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=_no_headers)
 
     @model_validator(mode="after")
     def _regex_compiles(self) -> HttpTarget:
@@ -226,22 +192,21 @@ class DnsTarget(_TargetBase):
     type: Literal["dns"]
     query: str
     record: Literal["A", "AAAA"] = "A"
-    server: str | None = None
+    server: OptionalText = None
     expect: tuple[str, ...] = ()
 
 
 class TlsTarget(_TargetBase):
     type: Literal["tls"]
     host: str
-    port: Annotated[int, Field(ge=1, le=65535)] = 443
-    server_name: str | None = None
+    port: Port = 443
+    server_name: OptionalText = None
     verify: bool = True
-    ca_file: str | None = None
+    ca_file: OptionalText = None
 
 
-Target = Annotated[
-    IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget, Field(discriminator="type")
-]
+AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget
+Target = Annotated[AnyTarget, Field(discriminator="type")]
 
 
 class Link(Frozen):
@@ -260,21 +225,21 @@ class Scheduler(Frozen):
 
 
 class Mqtt(Frozen):
-    url: Annotated[str, Field(pattern=r"^mqtts?://.+")] = "mqtt://127.0.0.1:1883"
+    url: MqttUrl = "mqtt://127.0.0.1:1883"
     prefix: str = "netwatch/v1"
-    client_id: str | None = None
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    client_id: OptionalText = None
+    username: OptionalText = None
+    password: OptionalText = None
+    ca_file: OptionalText = None
+    cert_file: OptionalText = None
+    key_file: OptionalText = None
     keepalive: Duration = 30.0
     alert_buffer: Annotated[int, Field(ge=1, le=100000)] = 1000
 
 
 class Webhook(Frozen):
-    url: Annotated[str, Field(pattern=r"^https?://.+")]
-    headers: dict[str, str] = Field(default_factory=dict)
+    url: HttpUrl
+    headers: Headers = Field(default_factory=_no_headers)
 
 
 class Notify(Frozen):
@@ -296,7 +261,7 @@ class Queue(Frozen):
     path: str = "/var/lib/netwatch/queue.db"
     max_bytes: Size = 1024**3
     max_age: Duration = 72 * 3600.0
-    key_file: str | None = None
+    key_file: OptionalText = None
 
 
 class Replay(Frozen):
@@ -308,7 +273,7 @@ class Replay(Frozen):
 
 class Proxy(Frozen):
     listen: Listen = "127.0.0.1:8080"
-    upstream: Annotated[str, Field(pattern=r"^https?://.+")]
+    upstream: HttpUrl
     guard: tuple[Name, ...] = ()
     replayable: tuple[Replayable, ...] = (Replayable(),)
     queue: Queue = Queue()
@@ -316,7 +281,7 @@ class Proxy(Frozen):
     max_body: Size = 10 * 1024**2
     connect_timeout: Duration = 2.0
     request_timeout: Duration = 30.0
-    ca_file: str | None = None
+    ca_file: OptionalText = None
 
 
 class Config(Frozen):
@@ -332,54 +297,104 @@ class Config(Frozen):
     proxy: Proxy | None = None
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
-        seen: set[str] = set()
-        for target in self.targets:
-            if target.name in seen:
-                raise ValueError(f"duplicate target name {target.name!r}")
-            seen.add(target.name)
-        if self.proxy is not None:
-            for guard in self.proxy.guard:
-                if guard not in seen:
-                    raise ValueError(f"proxy.guard names unknown target {guard!r}")
+    def _cross_checks(self, info: ValidationInfo) -> Config:
+        if info.context and info.context.get(_LOCATED):
+            return self
+        guards = self.proxy.guard if self.proxy is not None else ()
+        problems = _cross_problems([t.name for t in self.targets], guards)
+        if problems:
+            raise ValueError("; ".join(f"{format_path(p)}: {m}" for p, m in problems))
         return self
 
-    def interval_of(self, target: IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget) -> float:
+    def interval_of(self, target: AnyTarget) -> float:
         return target.interval or self.defaults.interval
 
-    def timeout_of(self, target: IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget) -> float:
+    def timeout_of(self, target: AnyTarget) -> float:
         return target.timeout or self.defaults.timeout
 
 
-AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget
+def _cross_problems(names: Sequence[object], guards: Sequence[object]) -> list[tuple[KeyPath, str]]:
+    """Checks across sections; works on raw YAML data and on validated models alike."""
+    problems: list[tuple[KeyPath, str]] = []
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            message = f"duplicate target name {name!r} (already used by targets[{first[name]}])"
+            problems.append((("targets", index, "name"), message))
+        else:
+            first[name] = index
+    for index, guard in enumerate(guards):
+        if isinstance(guard, str) and guard not in first:
+            close = difflib.get_close_matches(guard, list(first), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append((("proxy", "guard", index), f"unknown target {guard!r}{hint}"))
+    return problems
 
 
 # --- loading ------------------------------------------------------------------------------
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse YAML text; every problem becomes a line of one ``ConfigError``."""
+def parse_config(
+    text: str, source: str = "<config>", *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Parse YAML text; every problem becomes a line of one ``ConfigError``.
+
+    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion (tests, ``check-config``).
+    """
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the config must be a mapping at the top level")
+        doc = load_yaml(text, os.environ if env is None else env)
+    except YamlSyntaxError as exc:
+        raise ConfigError(f"{source}:{exc.line}: invalid YAML: {exc.problem}") from None
+    if doc.data is None:
+        raise ConfigError(
+            f"{source}:1: (top level): the file is empty (at least site.id is needed)"
+        )
+    if not isinstance(doc.data, dict):
+        kind = "a list" if isinstance(doc.data, list) else f"{doc.data!r}"
+        raise ConfigError(
+            f"{source}:{doc.line_of(())}: (top level): expected a mapping of sections "
+            f"(site, targets, ...), got {kind}"
+        )
+    problems = list(doc.problems)
+    problems += [Problem(doc.line_of(p), p, m) for p, m in _raw_cross_problems(doc.data)]
+    config: Config | None = None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(doc.data, context={_LOCATED: True})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{source}: {path}: {err['msg']}")
-        raise ConfigError(lines) from None
+        # A value already reported as unexpandable would only repeat itself as a type error.
+        known = [p.path for p in doc.problems]
+        for problem in translate(exc, doc, Config):
+            if not any(problem.path[: len(k)] == k for k in known):
+                problems.append(problem)
+    if problems or config is None:
+        problems.sort(key=lambda p: p.line)
+        raise ConfigError(
+            [f"{source}:{p.line}: {format_path(p.path)}: {p.message}" for p in problems]
+        )
+    return config
 
 
-def load_config(path: str | Path) -> Config:
+def _raw_cross_problems(data: dict[str, Any]) -> list[tuple[KeyPath, str]]:
+    targets = data.get("targets")
+    names = (
+        [t.get("name") if isinstance(t, dict) else None for t in targets]
+        if isinstance(targets, list)
+        else []
+    )
+    proxy = data.get("proxy")
+    guards = proxy.get("guard") if isinstance(proxy, dict) else None
+    return _cross_problems(names, guards if isinstance(guards, list) else [])
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
     """Read and parse a config file."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
-    return parse_config(text, str(p))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: cannot read config: not UTF-8 text ({exc.reason})") from None
+    return parse_config(text, str(p), env=env)

@@ -30,6 +30,7 @@ from netwatch.metrics import MonitorMetrics, TimeCollector
 from netwatch.monitor import Monitor
 from netwatch.schedule import PeakSchedule
 from netwatch.wiring import Extras
+from probes.http import close_shared_sessions
 
 log = structlog.get_logger("netwatch.daemon")
 
@@ -113,6 +114,7 @@ class Daemon:
                 handlers.append(sig)
         try:
             async with AsyncExitStack() as stack:
+                stack.push_async_callback(close_shared_sessions)
                 await self.extras.enter(stack)
                 if self.role == "site":
                     app = build_app(self.registry, self.status)
