@@ -176,6 +176,7 @@ class HttpTarget(_TargetBase):
     expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (200,)
     body_regex: OptionalText = None
     verify_tls: bool = True
+    ca_file: OptionalText = None
     headers: Headers = Field(default_factory=_no_headers)
 
     @model_validator(mode="after")
