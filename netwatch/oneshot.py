@@ -16,6 +16,7 @@ from netwatch.config import parse_duration
 from netwatch.errors import DaemonError, UsageError
 from probes import ProbeResult
 
+_SECONDS_DETAILS = frozenset({"min", "avg", "max", "jitter", "resolve"})
 _STATE_STYLE = {"up": "green", "degraded": "yellow", "down": "bold red", "unknown": "dim"}
 _MODE_STYLE = {"online": "green", "replaying": "yellow", "offline": "bold red"}
 
@@ -95,11 +96,16 @@ def render_result(result: ProbeResult, console: Console | None = None) -> None:
     if result.message:
         console.print(f"  {result.message}")
     if result.loss is not None and result.type == "icmp":
-        console.print(f"  loss {result.loss:.0%}, replies {len(result.rtts)}")
+        console.print(f"  loss {result.loss:.0%}")
     for phase, seconds in result.phases.items():
         console.print(f"  {phase:<11} {_ms(seconds)}")
     for key, value in result.details.items():
-        console.print(f"  {key}: {value}")
+        if key in _SECONDS_DETAILS and isinstance(value, float):
+            console.print(f"  {key}: {_ms(value)}")
+        elif isinstance(value, float):
+            console.print(f"  {key}: {value:.2f}")
+        else:
+            console.print(f"  {key}: {value}")
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
