@@ -10,7 +10,7 @@ RUN pip install --no-cache-dir --prefix=/install .
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home /var/lib/netwatch --create-home netwatch
 COPY --from=build /install /usr/local
-COPY config/netwatch.example.yaml /etc/netwatch/netwatch.yaml
+COPY config/netwatch.minimal.yaml /etc/netwatch/netwatch.yaml
 USER netwatch
 WORKDIR /var/lib/netwatch
 EXPOSE 9108 8080

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Literal
 
+import stamina.instrumentation
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
@@ -33,3 +34,6 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    # stamina counts retries in prometheus_client's global registry by default; netwatch
+    # exports only its injected registry, so retries are logged instead.
+    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
