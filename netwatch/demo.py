@@ -336,6 +336,7 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         console.print(
             f"  station requests: sent {st['sent']}, forwarded {st['forwarded']}, "
             f"queued {st['queued']}, replayed {st['replayed']}, dead {st['dead']}, "
-            f"refused {st['refused']}, [bold]lost {st['lost']}[/]"
+            f"rejected by the database {st['rejected']}, refused {st['refused']}, "
+            f"[bold]lost {st['lost']}[/]"
         )
     console.print("  [green]ok[/]" if s.ok else "  [bold red]requests were lost[/]")

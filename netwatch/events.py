@@ -68,12 +68,34 @@ class EventHub:
                 self.dropped += 1
             queue.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Yield events published from now on, until the consumer stops iterating."""
+    def subscribe(self) -> Subscription:
+        """Events published from this call on (registered now, so nothing is missed
+        between subscribing and the first ``async for``)."""
         queue: asyncio.Queue[Event] = asyncio.Queue(self._buffer)
         self._queues.append(queue)
+        return Subscription(self, queue)
+
+    def _unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        if queue in self._queues:
+            self._queues.remove(queue)
+
+
+class Subscription:
+    """An async iterator over one subscriber's events; ``close()`` unsubscribes."""
+
+    def __init__(self, hub: EventHub, queue: asyncio.Queue[Event]) -> None:
+        self._hub = hub
+        self._queue = queue
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
         try:
             while True:
-                yield await queue.get()
+                yield await self._queue.get()
         finally:
-            self._queues.remove(queue)
+            self.close()
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self._queue)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers.daemon import eventually, free_tcp_port, run_daemon, write_config
 from helpers.relay import FaultRelay
 

@@ -1,0 +1,256 @@
+"""The station-facing aiohttp app: forward, or queue; and the ``/_netwatch`` endpoints.
+
+Decision per request (the mode comes from the mode machine, owned by ``station.py``):
+
+- online: forward. Replayable requests are buffered (up to ``max_body``) and get an
+  Idempotency-Key if they lack one, so that a failed forward can still be queued and any
+  replay de-duplicated. Others stream both ways.
+- a forward that fails on the network, or gets 502/503/504: passive failure (offline at
+  once); a replayable request is then queued and answered 202 rather than failed.
+- offline or replaying, replayable: queued behind the backlog (committed before the 202).
+- offline, anything else: 503 with Retry-After. While *replaying* the link is known good,
+  so non-replayable requests (lookups) are still forwarded: the counter keeps working
+  during a long drain.
+
+Nothing here logs a body, a path or a header value: paths and bodies carry citizens' data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from netwatch.config import Proxy
+from netwatch.errors import QueueError, QueueFullError
+from netwatch.proxy.forward import (
+    UPSTREAM_DOWN_STATUSES,
+    BodyTooLarge,
+    CountedBody,
+    Forwarder,
+    ResponseCut,
+    UpstreamFailure,
+    is_replayable,
+    outgoing_headers,
+    read_limited,
+)
+from netwatch.proxy.metrics import ProxyMetrics
+from netwatch.proxy.mode import Mode
+from netwatch.proxy.queue import Entry, NewEntry
+
+log = structlog.get_logger("netwatch.proxy.server")
+
+ORDER_KEY_HEADER = "Netwatch-Order-Key"
+TICKET_HEADER = "Netwatch-Ticket"
+MAX_ORDER_KEY = 200
+RETRY_AFTER_S = 5
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class ProxyCore(Protocol):
+    """What the HTTP layer needs from the station (``StationProxy`` implements it)."""
+
+    @property
+    def mode(self) -> Mode: ...
+
+    def passive_failure(self, reason: str) -> None: ...
+
+    async def enqueue(self, new: NewEntry) -> tuple[Entry, int]: ...
+
+    async def ticket(self, ticket: str) -> Entry | None: ...
+
+    async def healthy(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _error(status: int, error: str, **extra: Any) -> web.Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in {503, 507} else None
+    return web.json_response({"error": error, **extra}, status=status, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _contain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A handler bug answers 500 JSON instead of an HTML page; logged without any data."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, ResponseCut):
+        # HTTP exceptions are answers; a cut response cannot be answered any more (aiohttp
+        # closes the connection, which is the only honest signal left).
+        raise
+    except Exception:
+        log.exception("proxy_handler_failed", method=request.method)
+        return _error(500, "internal_error")
+
+
+class ProxyServer:
+    """Builds the aiohttp ``Application`` for one station proxy."""
+
+    def __init__(
+        self,
+        settings: Proxy,
+        core: ProxyCore,
+        forwarder: Forwarder,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self.settings = settings
+        self._core = core
+        self._forwarder = forwarder
+        self._metrics = metrics
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_contain_errors])
+        app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
+        app.router.add_get("/_netwatch/status", self._status)
+        app.router.add_get("/_netwatch/healthz", self._healthz)
+        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        return app
+
+    # --- /_netwatch -----------------------------------------------------------------------
+
+    async def _ticket(self, request: web.Request) -> web.Response:
+        entry = await self._core.ticket(request.match_info["ticket"])
+        if entry is None:
+            return _error(404, "unknown_ticket")
+        return web.json_response(
+            {
+                "ticket": entry.id,
+                "state": entry.state,
+                "attempts": entry.attempts,
+                "upstream_status": entry.upstream_status,
+                "queued_at": iso(entry.queued_at),
+                "delivered_at": iso(entry.delivered_at),
+                "reason": entry.reason,
+            }
+        )
+
+    async def _status(self, _request: web.Request) -> web.Response:
+        return web.json_response(self._core.status())
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        if await self._core.healthy():
+            return web.json_response({"ok": True})
+        return web.json_response({"ok": False, "error": "queue_unusable"}, status=503)
+
+    # --- the proxy ------------------------------------------------------------------------
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/_netwatch/"):
+            # The proxy's own namespace is never forwarded, whatever the method.
+            return _error(404, "not_found")
+        try:
+            outcome, response = await self._handle(request)
+        except ResponseCut:
+            self._metrics.request(request.method, "failed")
+            raise
+        self._metrics.request(request.method, outcome)
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[str, web.StreamResponse]:
+        limit = self.settings.max_body
+        if request.content_length is not None and request.content_length > limit:
+            return "rejected", _error(413, "body_too_large", max_body=limit)
+        headers = outgoing_headers(request)
+        mode = self._core.mode
+        if not is_replayable(self.settings.replayable, request.method, request.path):
+            if mode == "offline":
+                return "rejected", _error(503, "upstream_unavailable", mode=mode)
+            return await self._forward(request, headers, None)
+        key = headers.get("Idempotency-Key", "")
+        if not key:
+            key = str(uuid.uuid4())
+            headers["Idempotency-Key"] = key
+        try:
+            body = await read_limited(request, limit)
+        except BodyTooLarge:
+            return "rejected", _error(413, "body_too_large", max_body=limit)
+        if mode != "online":
+            # Queued behind the backlog even while replaying: a new write must never
+            # overtake an older one.
+            return await self._queue(request, headers, body, key)
+        return await self._forward(request, headers, (body, key))
+
+    async def _forward(
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        buffered: tuple[bytes, str] | None,
+    ) -> tuple[str, web.StreamResponse]:
+        """Forward; ``buffered`` is (body, idempotency key) for a replayable request."""
+        fwd = self._forwarder
+        method = request.method
+        url = fwd.url(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        body: bytes | CountedBody | None
+        if buffered is not None:
+            body = buffered[0]
+        elif request.body_exists:
+            body = fwd.counted(request)
+        else:
+            body = None
+        idempotent = buffered is not None or (method in SAFE_METHODS and body is None)
+        try:
+            upstream = await fwd.send(
+                method, url, headers, body, abandonable=buffered is not None, idempotent=idempotent
+            )
+        except BodyTooLarge:
+            return "rejected", _error(413, "body_too_large", max_body=self.settings.max_body)
+        except UpstreamFailure as failure:
+            if not failure.abandoned:
+                self._core.passive_failure(failure.reason)
+            if buffered is not None:
+                return await self._queue(request, headers, *buffered)
+            return "failed", _error(502, "upstream_failed", reason=failure.reason)
+        outcome = "forwarded"
+        if upstream.status in UPSTREAM_DOWN_STATUSES:
+            self._core.passive_failure(f"upstream {upstream.status}")
+            if buffered is not None:
+                upstream.release()
+                return await self._queue(request, headers, *buffered)
+            outcome = "failed"
+        try:
+            return outcome, await fwd.relay(request, upstream)
+        except ResponseCut as cut:
+            self._core.passive_failure(cut.reason)
+            raise
+
+    async def _queue(
+        self, request: web.Request, headers: CIMultiDict[str], body: bytes, key: str
+    ) -> tuple[str, web.StreamResponse]:
+        # Content-Length is recomputed on replay; everything else is replayed as received.
+        stored = tuple((k, v) for k, v in headers.items() if k.lower() != "content-length")
+        new = NewEntry(
+            method=request.method,
+            path=request.rel_url.raw_path,
+            query=request.rel_url.raw_query_string,
+            headers=stored,
+            body=body,
+            idempotency_key=key,
+            order_key=request.headers.get(ORDER_KEY_HEADER, "")[:MAX_ORDER_KEY],
+        )
+        try:
+            entry, position = await self._core.enqueue(new)
+        except QueueFullError:
+            return "rejected", _error(507, "queue_full")
+        except QueueError:
+            log.exception("proxy_enqueue_failed")
+            return "failed", _error(503, "queue_unavailable", mode=self._core.mode)
+        payload = {
+            "status": "queued",
+            "ticket": entry.id,
+            "position": position,
+            "queued_at": iso(entry.queued_at),
+        }
+        headers_out = {TICKET_HEADER: entry.id, "Location": f"/_netwatch/tickets/{entry.id}"}
+        return "queued", web.json_response(payload, status=202, headers=headers_out)
