@@ -25,7 +25,9 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
+from netwatch.api import metrics_handler
 from netwatch.config import Proxy
 from netwatch.errors import QueueError, QueueFullError
 from netwatch.proxy.forward import (
@@ -104,8 +106,10 @@ class ProxyServer:
         core: ProxyCore,
         forwarder: Forwarder,
         metrics: ProxyMetrics,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self._registry = registry
         self._core = core
         self._forwarder = forwarder
         self._metrics = metrics
@@ -115,6 +119,9 @@ class ProxyServer:
         app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
         app.router.add_get("/_netwatch/status", self._status)
         app.router.add_get("/_netwatch/healthz", self._healthz)
+        if self._registry is not None:
+            # A stand-alone `netwatch proxy` has no daemon endpoint: its metrics live here.
+            app.router.add_get("/_netwatch/metrics", metrics_handler(self._registry))
         app.router.add_route("*", "/{tail:.*}", self._proxy)
         return app
 

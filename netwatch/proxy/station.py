@@ -98,6 +98,7 @@ class StationProxy:
         self.site_id = site_id
         self.hub = hub
         self.metrics = ProxyMetrics(registry, site_id)
+        self._registry = registry
         self._is_peak = is_peak
         self._key = key
         self._clock = clock or SystemClock()
@@ -143,7 +144,7 @@ class StationProxy:
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
             )
-            server = ProxyServer(self.settings, self, self._forwarder, self.metrics)
+            server = ProxyServer(self.settings, self, self._forwarder, self.metrics, self._registry)
             runner = web.AppRunner(
                 server.app(),
                 access_log=None,  # paths carry citizens' identifiers

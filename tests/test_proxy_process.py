@@ -1,0 +1,94 @@
+"""``netwatch proxy -c FILE`` as a real process: it guards the upstream with its own probe,
+forwards, serves its metrics, and stops cleanly."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from helpers.daemon import DaemonProcess, eventually, free_tcp_port, write_config
+from helpers.relay import FaultRelay
+
+from netwatch.simulator import PopulationSimulator
+
+
+def proxy_config(tmp_path: Path, upstream: str, listen_port: int) -> dict[str, Any]:
+    return {
+        "site": {"id": "q3-vo-thi-sau", "timezone": "UTC"},
+        "defaults": {"interval": "200ms", "timeout": "300ms"},
+        "targets": [
+            {"name": "popdb-api", "type": "http", "url": f"{upstream}/health"},
+        ],
+        "link": {"fail_after": 2, "recover_after": 2},
+        "proxy": {
+            "listen": f"127.0.0.1:{listen_port}",
+            "upstream": upstream,
+            "guard": ["popdb-api"],
+            "queue": {"path": str(tmp_path / "queue.db")},
+            "connect_timeout": "300ms",
+            "request_timeout": "2s",
+        },
+    }
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as resp:
+        return await resp.json()
+
+
+async def test_proxy_process_follows_its_guard_and_exports_metrics(tmp_path: Path) -> None:
+    async with (
+        PopulationSimulator() as sim,
+        FaultRelay("127.0.0.1", sim.port) as relay,
+        aiohttp.ClientSession() as session,
+    ):
+        port = free_tcp_port()
+        cfg = write_config(tmp_path / "proxy.yaml", proxy_config(tmp_path, relay.url, port))
+        proc = DaemonProcess(["proxy", "-c", str(cfg)], tmp_path / "proxy.log", None)
+        base = f"http://127.0.0.1:{port}"
+        try:
+
+            async def mode() -> str | None:
+                try:
+                    status = await get_json(session, f"{base}/_netwatch/status")
+                except aiohttp.ClientError:
+                    return None
+                value: str = status["mode"]
+                return value
+
+            await eventually(lambda: _equals(mode, "online"), 15, "proxy online")
+            async with session.post(
+                f"{base}/api/applications", json={"station": "s1", "seq": 1}
+            ) as resp:
+                assert resp.status == 201
+            assert [a["station_seq"] for a in sim.applied] == [1]
+
+            relay.mode = "refuse"
+            await eventually(lambda: _equals(mode, "offline"), 10, "proxy offline")
+            async with session.post(
+                f"{base}/api/applications", json={"station": "s1", "seq": 2}
+            ) as resp:
+                assert resp.status == 202
+                ticket = resp.headers["Netwatch-Ticket"]
+
+            relay.mode = "pass"
+            await eventually(lambda: _equals(mode, "online"), 15, "proxy back online")
+            state = await get_json(session, f"{base}/_netwatch/tickets/{ticket}")
+            assert state["state"] == "delivered"
+            assert [a["station_seq"] for a in sim.applied] == [1, 2]
+
+            async with session.get(f"{base}/_netwatch/metrics") as resp:
+                text = await resp.text()
+            assert 'netwatch_proxy_mode{mode="online",site="q3-vo-thi-sau"} 1.0' in text
+            assert 'netwatch_link_state{site="q3-vo-thi-sau",state="up"' in text
+
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait_exit(5.0) == 0
+        finally:
+            proc.kill()
+
+
+async def _equals(read: Any, expected: str) -> bool:
+    return bool(await read() == expected)
