@@ -122,7 +122,11 @@ class StationProxy:
         async with AsyncExitStack() as stack:
             q = self.settings.queue
             opener = DurableQueue.open(
-                q.path, max_bytes=q.max_bytes, max_age=q.max_age, key=self._key
+                q.path,
+                max_bytes=q.max_bytes,
+                max_age=q.max_age,
+                key=self._key,
+                max_batch=1024 if q.group_commit else 1,
             )
             # QueueKeyError (wrong or missing key) propagates from here: fail fast.
             self._queue = await stack.enter_async_context(opener)
