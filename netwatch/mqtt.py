@@ -15,8 +15,8 @@ per target) and alerts wait in a bounded deque (oldest dropped first, and counte
 (re)connect the bridge republishes all retained state, status first, then the buffered
 alerts: a broker that restarted without persistence is whole again. The session is persistent
 (MQTT 3.1.1, ``clean_session=False``, stable client id) so operator commands sent while the
-daemon was away are still delivered. ``MqttModeFollower`` is the station side: it follows
-``{p}/mode`` and says whether the retained mode can be trusted.
+daemon was away are still delivered. The station side,
+which follows ``{p}/mode``, is ``netwatch.mqtt_follower``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ async def connect_forever(
         await asyncio.sleep(backoff_delay(failures, initial, cap))
 
 
-async def _receive(client: aiomqtt.Client, handle: Callable[[aiomqtt.Message], None]) -> None:
+async def receive_messages(
+    client: aiomqtt.Client, handle: Callable[[aiomqtt.Message], None]
+) -> None:
     # The iterator raises MqttError when the connection drops: that ends the session.
     async for message in client.messages:
         handle(message)
@@ -320,7 +322,7 @@ class MqttBridge:
             self._dirty = dict.fromkeys([status, *self._retained])
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send_forever(client))
-                tasks.create_task(_receive(client, self._handle_command))
+                tasks.create_task(receive_messages(client, self._handle_command))
         except asyncio.CancelledError:
             await self._goodbye(client)
             raise
@@ -408,94 +410,3 @@ def _raise_first(results: list[Any]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-class MqttModeFollower:
-    """Station side: follows ``{p}/mode`` and calls ``on_mode(mode, reason)``.
-
-    ``following`` is true only while the broker is reachable *and* the daemon's retained
-    status says it is online: otherwise the retained mode may be stale, and the proxy should
-    fall back to its own guard probe. ``on_following(bool)`` is told of every change.
-    """
-
-    def __init__(
-        self,
-        settings: Mqtt,
-        site_id: str,
-        on_mode: Callable[[str, str], None],
-        *,
-        on_following: Callable[[bool], None] | None = None,
-        registry: CollectorRegistry | None = None,
-        backoff_initial: float = 0.5,
-        backoff_cap: float = 30.0,
-    ) -> None:
-        self.site = site_id
-        self._options = client_options(settings)
-        self._prefix = f"{settings.prefix.strip('/')}/{site_id}"
-        self._on_mode = on_mode
-        self._on_following = on_following
-        self._backoff = (backoff_initial, backoff_cap)
-        self._broker_up = False
-        self._daemon_online = False
-        self._following = False
-        self.mode: str | None = None
-        self._gauge: Gauge | None = None
-        if registry is not None:
-            self._gauge = Gauge(
-                "netwatch_mqtt_follower_connected",
-                "Following the daemon's mode over MQTT (broker up and daemon online)",
-                ["site"],
-                registry=registry,
-            ).labels(site_id)
-
-    @property
-    def following(self) -> bool:
-        return self._following
-
-    async def run(self) -> None:
-        """Follow forever, reconnecting on broker loss. Cancel to stop."""
-        with structlog.contextvars.bound_contextvars(site=self.site, component="mqtt-follower"):
-            await connect_forever(
-                # Followers only need the retained values: a clean session, a random id.
-                lambda: aiomqtt.Client(**self._options, clean_session=True),
-                self._session,
-                initial=self._backoff[0],
-                cap=self._backoff[1],
-                on_retry=lambda: None,
-            )
-
-    async def _session(self, client: aiomqtt.Client) -> None:
-        self._update(broker_up=True)
-        try:
-            await client.subscribe(f"{self._prefix}/status", qos=1)
-            await client.subscribe(f"{self._prefix}/mode", qos=1)
-            await _receive(client, self._handle)
-        finally:
-            self._update(broker_up=False, daemon_online=False)
-
-    def _handle(self, message: aiomqtt.Message) -> None:
-        try:
-            if message.topic.matches(f"{self._prefix}/status"):
-                self._update(daemon_online=flag(json_object(message), "online"))
-                return
-            data = json_object(message)
-            mode = choice(data, "mode", PROXY_MODES)
-        except InvalidPayload as exc:
-            log.warning("mqtt.follower_invalid", topic=str(message.topic), error=str(exc))
-            return
-        self.mode = mode
-        self._on_mode(mode, str(data.get("reason", "")))
-
-    def _update(self, *, broker_up: bool | None = None, daemon_online: bool | None = None) -> None:
-        if broker_up is not None:
-            self._broker_up = broker_up
-        if daemon_online is not None:
-            self._daemon_online = daemon_online
-        following = self._broker_up and self._daemon_online
-        if following != self._following:
-            self._following = following
-            if self._gauge is not None:
-                self._gauge.set(int(following))
-            log.info("mqtt.follower_state", following=following)
-            if self._on_following is not None:
-                self._on_following(following)

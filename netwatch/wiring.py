@@ -22,7 +22,8 @@ from netwatch import __version__
 from netwatch.alerts import AlertEvent, AlertPolicy, AlertState
 from netwatch.config import Config
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge, MqttModeFollower
+from netwatch.mqtt import MqttBridge
+from netwatch.mqtt_follower import MqttModeFollower
 from netwatch.notify import WebhookNotifier
 from netwatch.proxy import mode as machine
 from netwatch.proxy.crypto import load_key

@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from netwatch.alerts import AlertEvent
 from netwatch.config import Mqtt
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge, MqttModeFollower, client_options
+from netwatch.mqtt import MqttBridge, client_options
+from netwatch.mqtt_follower import MqttModeFollower
 
 PREFIX = "nw/v1"
 SITE = "q1-ben-nghe"
