@@ -141,6 +141,19 @@ class CountedBody:
             yield chunk
 
 
+def _is_reset(exc: aiohttp.ClientOSError) -> bool:
+    """A reset or broken pipe, also when aiohttp wraps it without an errno (a reset while
+    the request body is being written arrives as "Can not write request body")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionResetError | BrokenPipeError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in {errno.ECONNRESET, errno.EPIPE}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _failure(exc: BaseException) -> UpstreamFailure:
     """Map aiohttp's error tree to one reason string (the only place that knows it)."""
     retryable = False
@@ -153,7 +166,7 @@ def _failure(exc: BaseException) -> UpstreamFailure:
             reason = "connect failed"
         case aiohttp.ServerDisconnectedError():
             reason, retryable = "disconnected", True
-        case aiohttp.ClientOSError() if exc.errno in {errno.ECONNRESET, errno.EPIPE}:
+        case aiohttp.ClientOSError() if _is_reset(exc):
             reason, retryable = "connection reset", True
         case TimeoutError() | aiohttp.ServerTimeoutError():
             reason = "timeout"
