@@ -70,9 +70,8 @@ class Daemon:
             listeners=[self.hub.publish],
             only=guard_only,
         )
-        self.registry.register(
-            TimeCollector(config.site.id, self.is_peak, self.monitor.outage_totals)
-        )
+        self.time_series = TimeCollector(config.site.id, self.is_peak, self.monitor.outage_totals)
+        self.registry.register(self.time_series)
         self.extras = Extras(self)
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -117,7 +116,9 @@ class Daemon:
                 stack.push_async_callback(close_shared_sessions)
                 await self.extras.enter(stack)
                 if self.role == "site":
-                    app = build_app(self.registry, self.status)
+                    app = build_app(
+                        self.registry, self.status, (self.metrics.targets, self.time_series)
+                    )
                     await stack.enter_async_context(serve(app, self.config.metrics.listen))
                     log.info(
                         "metrics_listening",

@@ -1,27 +1,36 @@
 """Prometheus metrics of the site monitor, on one injected registry.
 
-Per-probe series are updated by plain functions as results arrive (children are cached per
-target so the hot path does no label lookups); state that is a function of time (peak hours,
-outage seconds) is computed at scrape time by a custom collector.
+The per-target series (the bulk of a large site: about 30 lines per target) live in
+``TargetSeries`` objects updated by plain functions as results arrive, and are exported by
+one collector that also renders itself fast (see ``exposition.py``). Series that are a
+function of time (peak hours, outage seconds) are computed at scrape time. The few
+site-wide series (scheduler lag, build info) are ordinary prometheus_client metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import bisect
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from netwatch.exposition import SLICE_LINES, escape, header, value
 from probes import ProbeResult
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 PHASES = ("resolve", "connect", "tls", "processing", "transfer")
 STATES = ("up", "degraded", "down", "unknown")
-_TL = ("site", "target", "type")
+PEAKS = ("true", "false")
+_LE = (*(value(b) for b in DURATION_BUCKETS), "+Inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,19 +43,163 @@ class OutageTotals:
     peak_seconds: float
 
 
-class _TargetChildren:
-    """Pre-resolved metric children of one target (label lookups off the hot path)."""
+class TargetSeries:
+    """Every per-target number the monitor exports, as plain attributes."""
 
-    def __init__(self, m: MonitorMetrics, target: str, type_: str) -> None:
-        labels = (m.site, target, type_)
-        self.success = m.probe_success.labels(*labels)
-        self.duration = m.probe_duration.labels(*labels)
-        self.loss = m.probe_loss.labels(*labels)
-        self.phases = {p: m.probe_phase.labels(*labels, p) for p in PHASES}
-        self.link_up = m.link_up.labels(*labels)
-        self.states = {s: m.link_state.labels(*labels, s) for s in STATES}
-        self.labels = labels
-        self.m = m
+    __slots__ = (
+        "buckets",
+        "cert_days",
+        "count",
+        "errors",
+        "labels",
+        "loss",
+        "outages",
+        "phases",
+        "state",
+        "success",
+        "sum",
+        "target",
+        "transitions",
+        "type",
+    )
+
+    def __init__(self, site: str, target: str, type_: str) -> None:
+        self.target = target
+        self.type = type_
+        self.labels = f'site="{escape(site)}",target="{escape(target)}",type="{escape(type_)}"'
+        self.success: float | None = None
+        self.loss: float | None = None
+        self.phases: dict[str, float] = {}
+        self.cert_days: float | None = None
+        self.state = "unknown"
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.errors: dict[str, int] = {}
+        self.transitions = dict.fromkeys(STATES, 0)
+        self.outages = dict.fromkeys(PEAKS, 0)
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[int]:
+        out, total = [], 0
+        for n in self.buckets:
+            total += n
+            out.append(total)
+        return out
+
+
+# name, kind, help: the per-target families, in exposition order.
+_FAMILIES = (
+    ("netwatch_probe_success", "gauge", "Last probe of the target succeeded (1) or not (0)."),
+    ("netwatch_probe_duration_seconds", "histogram", "Probe round-trip time (ICMP: per reply)."),
+    ("netwatch_probe_phase_seconds", "gauge", "HTTP phases of the last probe."),
+    ("netwatch_probe_loss_ratio", "gauge", "ICMP loss ratio of the last round."),
+    ("netwatch_probe_errors_total", "counter", "Failed probes by error class."),
+    ("netwatch_probe_cert_expiry_days", "gauge", "Days until the peer certificate expires."),
+    ("netwatch_link_up", "gauge", "Link state is up or degraded (1) or not (0)."),
+    ("netwatch_link_state", "gauge", "One series per link state, 1 on the current one."),
+    ("netwatch_link_transitions_total", "counter", "Link state changes."),
+    ("netwatch_outages_total", "counter", 'Outages begun; peak="true" when inside peak hours.'),
+)
+
+
+Samples = Callable[[TargetSeries], list[tuple[str, float]]]
+
+# Per non-histogram family: (extra label or "", the samples of one target as
+# (extra label value, number)). One table serves both the fast renderer and ``collect()``.
+_SAMPLES: dict[str, tuple[str, Samples]] = {
+    "netwatch_probe_success": ("", lambda s: [] if s.success is None else [("", s.success)]),
+    "netwatch_probe_phase_seconds": ("phase", lambda s: list(s.phases.items())),
+    "netwatch_probe_loss_ratio": ("", lambda s: [] if s.loss is None else [("", s.loss)]),
+    "netwatch_probe_errors_total": (
+        "error",
+        lambda s: [(e, float(n)) for e, n in s.errors.items()],
+    ),
+    "netwatch_probe_cert_expiry_days": (
+        "",
+        lambda s: [] if s.cert_days is None else [("", s.cert_days)],
+    ),
+    "netwatch_link_up": ("", lambda s: [("", 1.0 if s.state in ("up", "degraded") else 0.0)]),
+    "netwatch_link_state": (
+        "state",
+        lambda s: [(st, 1.0 if st == s.state else 0.0) for st in STATES],
+    ),
+    "netwatch_link_transitions_total": (
+        "to",
+        lambda s: [(st, float(n)) for st, n in s.transitions.items()],
+    ),
+    "netwatch_outages_total": ("peak", lambda s: [(p, float(n)) for p, n in s.outages.items()]),
+}
+
+
+def _lines(name: str, s: TargetSeries) -> list[str]:
+    """The text lines of one family for one target (never split across a yield)."""
+    lbl = s.labels
+    if name == "netwatch_probe_duration_seconds":
+        cum = s.cumulative()
+        out = [
+            f'{name}_bucket{{{lbl},le="{le}"}} {value(n)}\n' for le, n in zip(_LE, cum, strict=True)
+        ]
+        out.append(f"{name}_count{{{lbl}}} {value(s.count)}\n")
+        out.append(f"{name}_sum{{{lbl}}} {value(s.sum)}\n")
+        return out
+    extra, samples = _SAMPLES[name]
+    if not extra:
+        return [f"{name}{{{lbl}}} {value(n)}\n" for _, n in samples(s)]
+    return [f'{name}{{{lbl},{extra}="{v}"}} {value(n)}\n' for v, n in samples(s)]
+
+
+class TargetCollector(Collector):
+    """Exports every ``TargetSeries``; renders itself fast for ``/metrics``."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.series: dict[str, TargetSeries] = {}
+        self.muted = False
+
+    def render_slices(self) -> Iterator[list[str]]:
+        targets = list(self.series.values())
+        for name, kind, help_text in _FAMILIES:
+            chunk = [header(name, kind, help_text)]
+            for s in targets:
+                chunk.extend(_lines(name, s))
+                if len(chunk) >= SLICE_LINES:
+                    yield chunk
+                    chunk = []
+            yield chunk
+
+    def collect(self) -> Iterable[Metric]:
+        if self.muted:
+            return
+        targets = list(self.series.values())
+        labels = ["site", "target", "type"]
+        for name, kind, help_text in _FAMILIES:
+            if kind == "histogram":
+                hist = HistogramMetricFamily(name, help_text, labels=labels)
+                for s in targets:
+                    buckets = list(zip(_LE, s.cumulative(), strict=True))
+                    hist.add_metric([self.site, s.target, s.type], buckets, s.sum)
+                yield hist
+                continue
+            extra, samples = _SAMPLES[name]
+            names = [*labels, extra] if extra else labels
+            family: GaugeMetricFamily | CounterMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=names)
+            else:
+                family = GaugeMetricFamily(name, help_text, labels=names)
+            for s in targets:
+                key = [self.site, s.target, s.type]
+                for extra_value, number in samples(s):
+                    family.add_metric([*key, extra_value] if extra else key, number)
+            yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class MonitorMetrics:
@@ -55,67 +208,8 @@ class MonitorMetrics:
     def __init__(self, registry: CollectorRegistry, site: str, version: str) -> None:
         self.site = site
         self.registry = registry
-        self.probe_success = Gauge(
-            "netwatch_probe_success",
-            "Last probe of the target succeeded (1) or not (0).",
-            _TL,
-            registry=registry,
-        )
-        self.probe_duration = Histogram(
-            "netwatch_probe_duration_seconds",
-            "Probe round-trip time (ICMP: per reply).",
-            _TL,
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.probe_phase = Gauge(
-            "netwatch_probe_phase_seconds",
-            "HTTP phases of the last probe.",
-            (*_TL, "phase"),
-            registry=registry,
-        )
-        self.probe_loss = Gauge(
-            "netwatch_probe_loss_ratio",
-            "ICMP loss ratio of the last round.",
-            _TL,
-            registry=registry,
-        )
-        self.probe_errors = Counter(
-            "netwatch_probe_errors_total",
-            "Failed probes by error class.",
-            (*_TL, "error"),
-            registry=registry,
-        )
-        self.cert_expiry = Gauge(
-            "netwatch_probe_cert_expiry_days",
-            "Days until the peer certificate expires (tls).",
-            _TL,
-            registry=registry,
-        )
-        self.link_up = Gauge(
-            "netwatch_link_up",
-            "Link state is up or degraded (1) or not (0).",
-            _TL,
-            registry=registry,
-        )
-        self.link_state = Gauge(
-            "netwatch_link_state",
-            "One series per link state, 1 on the current one.",
-            (*_TL, "state"),
-            registry=registry,
-        )
-        self.transitions = Counter(
-            "netwatch_link_transitions_total",
-            "Link state changes.",
-            (*_TL, "to"),
-            registry=registry,
-        )
-        self.outages = Counter(
-            "netwatch_outages_total",
-            'Outages begun; peak="true" when inside peak hours.',
-            (*_TL, "peak"),
-            registry=registry,
-        )
+        self.targets = TargetCollector(site)
+        registry.register(self.targets)
         self.scheduler_lag = Histogram(
             "netwatch_scheduler_lag_seconds",
             "How late probes start against their schedule.",
@@ -134,33 +228,33 @@ class MonitorMetrics:
         ).labels(site, version).set(1)
         self._lag = self.scheduler_lag.labels(site)
         self._skipped = self.scheduler_skipped.labels(site)
-        self._children: dict[str, _TargetChildren] = {}
 
     # --- hot path -------------------------------------------------------------------------
 
-    def children(self, target: str, type_: str) -> _TargetChildren:
-        child = self._children.get(target)
-        if child is None:
-            child = self._children[target] = _TargetChildren(self, target, type_)
-        return child
+    def children(self, target: str, type_: str) -> TargetSeries:
+        series = self.targets.series.get(target)
+        if series is None:
+            series = self.targets.series[target] = TargetSeries(self.site, target, type_)
+        return series
 
-    def observe_probe(self, child: _TargetChildren, result: ProbeResult) -> None:
-        child.success.set(1 if result.success else 0)
+    def observe_probe(self, s: TargetSeries, result: ProbeResult) -> None:
+        s.success = 1.0 if result.success else 0.0
         if result.success:
-            for rtt in result.rtts or ((result.latency,) if result.latency is not None else ()):
-                child.duration.observe(rtt)
+            if result.rtts:
+                for rtt in result.rtts:
+                    s.observe(rtt)
+            elif result.latency is not None:
+                s.observe(result.latency)
         else:
-            self.probe_errors.labels(*child.labels, result.error or "other").inc()
-        if result.loss is not None:
-            child.loss.set(result.loss)
+            error = result.error or "other"
+            s.errors[error] = s.errors.get(error, 0) + 1
+        if result.loss is not None and s.type == "icmp":
+            s.loss = result.loss
         if result.phases:
-            for phase, seconds in result.phases.items():
-                gauge = child.phases.get(phase)
-                if gauge is not None:
-                    gauge.set(seconds)
+            s.phases = {p: v for p, v in result.phases.items() if p in PHASES}
         days = result.details.get("days_to_expiry") if result.details else None
         if isinstance(days, int | float):
-            self.cert_expiry.labels(*child.labels).set(days)
+            s.cert_days = float(days)
 
     def observe_lag(self, seconds: float) -> None:
         self._lag.observe(max(0.0, seconds))
@@ -168,46 +262,21 @@ class MonitorMetrics:
     def skipped_round(self) -> None:
         self._skipped.inc()
 
-    def set_state(self, child: _TargetChildren, state: str, *, changed: bool) -> None:
-        for name, gauge in child.states.items():
-            gauge.set(1 if name == state else 0)
-        child.link_up.set(1 if state in ("up", "degraded") else 0)
+    def set_state(self, s: TargetSeries, state: str, *, changed: bool) -> None:
+        s.state = state
         if changed:
-            self.transitions.labels(*child.labels, state).inc()
+            s.transitions[state] += 1
 
-    def outage_began(self, child: _TargetChildren, *, peak: bool) -> None:
-        self.outages.labels(*child.labels, "true" if peak else "false").inc()
+    def outage_began(self, s: TargetSeries, *, peak: bool) -> None:
+        s.outages["true" if peak else "false"] += 1
 
-    def ensure_outage_series(self, child: _TargetChildren) -> None:
-        """Create the zero-valued outage counters so rate() works from the first outage."""
-        for peak in ("true", "false"):
-            self.outages.labels(*child.labels, peak)
+    def ensure_outage_series(self, s: TargetSeries) -> None:
+        """Outage counters exist at zero from the start, so rate() works from the first."""
+        del s  # TargetSeries starts every counter at zero
 
     def forget(self, target: str) -> None:
         """Drop every series of a target removed by a config reload."""
-        child = self._children.pop(target, None)
-        if child is None:
-            return
-        for metric in (
-            self.probe_success,
-            self.probe_duration,
-            self.probe_loss,
-            self.link_up,
-            self.cert_expiry,
-        ):
-            _remove(metric, child.labels)
-        for phase in PHASES:
-            _remove(self.probe_phase, (*child.labels, phase))
-        for state in STATES:
-            _remove(self.link_state, (*child.labels, state))
-            _remove(self.transitions, (*child.labels, state))
-        for peak in ("true", "false"):
-            _remove(self.outages, (*child.labels, peak))
-
-
-def _remove(metric: Gauge | Counter | Histogram, labels: tuple[str, ...]) -> None:
-    with contextlib.suppress(KeyError):
-        metric.remove(*labels)
+        self.targets.series.pop(target, None)
 
 
 class TimeCollector(Collector):
@@ -220,10 +289,34 @@ class TimeCollector(Collector):
         outage_totals: Callable[[], Iterable[OutageTotals]],
     ) -> None:
         self._site = site
+        self._labels = f'site="{escape(site)}"'
         self._is_peak = is_peak
         self._outage_totals = outage_totals
+        self.muted = False
+
+    def render_slices(self) -> Iterator[list[str]]:
+        yield [
+            header("netwatch_peak_hours", "gauge", "The site is inside a peak window now."),
+            f"netwatch_peak_hours{{{self._labels}}} {value(self._is_peak())}\n",
+            header("netwatch_outage_seconds_total", "counter", _OUTAGE_HELP),
+        ]
+        chunk: list[str] = []
+        for t in self._outage_totals():
+            lbl = f'{self._labels},target="{escape(t.target)}",type="{escape(t.type)}"'
+            chunk.append(
+                f'netwatch_outage_seconds_total{{{lbl},peak="true"}} {value(t.peak_seconds)}\n'
+            )
+            chunk.append(
+                f'netwatch_outage_seconds_total{{{lbl},peak="false"}} {value(t.off_peak_seconds)}\n'
+            )
+            if len(chunk) >= SLICE_LINES:
+                yield chunk
+                chunk = []
+        yield chunk
 
     def collect(self) -> Iterable[Metric]:
+        if self.muted:
+            return
         peak = GaugeMetricFamily(
             "netwatch_peak_hours", "The site is inside a peak window now.", labels=["site"]
         )
@@ -231,7 +324,7 @@ class TimeCollector(Collector):
         yield peak
         seconds = CounterMetricFamily(
             "netwatch_outage_seconds",
-            "Time spent down, split by peak hours.",
+            _OUTAGE_HELP,
             labels=["site", "target", "type", "peak"],
         )
         for t in self._outage_totals():
@@ -243,13 +336,4 @@ class TimeCollector(Collector):
         return []
 
 
-def sample_map(
-    registry: CollectorRegistry, name: str
-) -> Mapping[tuple[tuple[str, str], ...], float]:
-    """All samples of one metric name keyed by sorted label pairs (for status views and tests)."""
-    out: dict[tuple[tuple[str, str], ...], float] = {}
-    for metric in registry.collect():
-        for sample in metric.samples:
-            if sample.name == name:
-                out[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+_OUTAGE_HELP = "Time spent down, split at peak-window boundaries."

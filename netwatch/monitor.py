@@ -24,7 +24,7 @@ from netwatch import link
 from netwatch.clock import Clock
 from netwatch.config import AnyTarget, Config
 from netwatch.events import LinkChanged
-from netwatch.metrics import MonitorMetrics, OutageTotals, _TargetChildren
+from netwatch.metrics import MonitorMetrics, OutageTotals, TargetSeries
 from netwatch.schedule import PeakSchedule
 from probes import ProbeResult
 
@@ -45,7 +45,7 @@ class TargetRuntime:
     probe: probes.Probe
     interval: float
     timeout: float
-    child: _TargetChildren
+    child: TargetSeries
     status: link.LinkStatus = field(default_factory=link.LinkStatus.initial)
     last: ProbeResult | None = None
     last_at: datetime | None = None
