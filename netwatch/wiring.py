@@ -22,15 +22,18 @@ from netwatch import __version__
 from netwatch.alerts import AlertEvent, AlertPolicy, AlertState
 from netwatch.config import Config
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge
-from netwatch.mqtt_follower import MqttModeFollower
-from netwatch.notify import WebhookNotifier
 from netwatch.proxy import mode as machine
-from netwatch.proxy.crypto import load_key
-from netwatch.proxy.station import StationProxy
 
 if TYPE_CHECKING:
     from netwatch.daemon import Daemon
+    from netwatch.mqtt import MqttBridge
+    from netwatch.mqtt_follower import MqttModeFollower
+    from netwatch.notify import WebhookNotifier
+    from netwatch.proxy.station import StationProxy
+
+# The optional parts are imported only when configured (below): a site daemon without a
+# proxy or a broker does not carry their libraries in memory.
+# ruff: noqa: PLC0415
 
 log = structlog.get_logger("netwatch.wiring")
 
@@ -99,12 +102,18 @@ class Extras:
             AlertPolicy(hold_down=config.notify.hold_down, timezone=config.site.timezone), site
         )
         if config.notify.webhooks:
+            from netwatch.notify import WebhookNotifier
+
             self.notifier = WebhookNotifier(config.notify.webhooks, daemon.registry)
         if config.mqtt is not None and daemon.role == "site":
+            from netwatch.mqtt import MqttBridge
+
             self.bridge = MqttBridge(
                 config.mqtt, site, __version__, daemon.registry, on_mode_command=self.command
             )
         elif config.mqtt is not None:
+            from netwatch.mqtt_follower import MqttModeFollower
+
             self.follower = MqttModeFollower(
                 config.mqtt,
                 site,
@@ -118,6 +127,9 @@ class Extras:
         daemon = self._daemon
         settings = daemon.config.proxy
         if settings is not None:
+            from netwatch.proxy.crypto import load_key
+            from netwatch.proxy.station import StationProxy
+
             key = load_key(settings.queue.key_file) if settings.queue.key_file else None
             self.proxy = await stack.enter_async_context(
                 StationProxy(
