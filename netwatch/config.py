@@ -283,6 +283,9 @@ class Proxy(Frozen):
     replay: Replay = Replay()
     max_body: Size = 10 * 1024**2
     connect_timeout: Duration = 2.0
+    # A replayable write still without response headers after this long is queued and
+    # answered 202: on a black-holed link the counter does not hang for request_timeout.
+    queue_after: Duration = 2.0
     request_timeout: Duration = 30.0
     ca_file: OptionalText = None
 

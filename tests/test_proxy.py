@@ -474,3 +474,53 @@ def test_a_reset_while_writing_the_body_counts_as_a_reset() -> None:
     assert _failure(aiohttp.ClientOSError("something else")).reason == (
         "upstream error: ClientOSError"
     )
+
+
+async def test_black_holed_write_is_queued_after_queue_after_without_waiting_for_the_guard(
+    tmp_path: Path, client: aiohttp.ClientSession, relay: FaultRelay
+) -> None:
+    settings = make_settings(
+        tmp_path, relay.url, guard=["popdb-api"], request_timeout="60s", queue_after="400ms"
+    )
+    async with running(settings) as proxy:
+        proxy.set_guard("popdb-api", True)
+        relay.mode = "blackhole"
+        started = time.monotonic()
+        status, _, headers = await asyncio.wait_for(post(client, proxy, {"citizen_id": "7"}), 5)
+        elapsed = time.monotonic() - started
+        assert status == 202
+        assert "Netwatch-Ticket" in headers
+        assert 0.4 <= elapsed < 0.4 + 0.3
+        assert proxy.mode == "offline"
+
+
+def dying_upstream() -> web.Application:
+    """Sends headers and part of a large body, then drops the connection."""
+
+    async def half(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(1024 * 1024)})
+        await response.prepare(request)
+        await response.write(b"x" * 100_000)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", half)
+    return app
+
+
+async def test_upstream_dying_mid_body_cuts_the_station_quietly(
+    tmp_path: Path, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_http_server(dying_upstream()) as upstream:
+        settings = make_settings(tmp_path, upstream)
+        async with running(settings) as proxy:
+            async with client.get(f"{proxy.url}/api/citizens/1") as response:
+                assert response.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            # The proxy keeps serving, and said nothing at error level about it.
+            async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
+                assert response.status == 200
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -51,6 +51,8 @@ SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 UPSTREAM_DOWN_STATUSES = frozenset({502, 503, 504})
 POOL_SIZE = 100
 CHUNK = 64 * 1024
+# Responses up to this size (with a Content-Length) are relayed in one write.
+SMALL_RESPONSE = 64 * 1024
 
 
 class UpstreamFailure(Exception):
@@ -115,6 +117,13 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 async def read_limited(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, or ``BodyTooLarge`` as soon as it passes ``limit`` (chunked too)."""
+    length = request.content_length
+    if length is not None and length <= limit:
+        # The common case: one read of a known length, no chunk iteration.
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionResetError("the station closed before sending its body") from exc
     buffer = bytearray()
     async for chunk in request.content.iter_chunked(CHUNK):
         buffer += chunk
@@ -185,6 +194,7 @@ class Forwarder:
         # Deadlines of forwards still waiting for response headers, so that going offline
         # can end them at once (their requests are then queued, see ``abandon_waiting``).
         self._waiting: set[asyncio.Timeout] = set()
+        self._abandoned: set[asyncio.Timeout] = set()
 
     async def __aenter__(self) -> Self:
         ssl_context: ssl.SSLContext | bool = True
@@ -227,6 +237,7 @@ class Forwarder:
         """
         loop = asyncio.get_running_loop()
         for deadline in list(self._waiting):
+            self._abandoned.add(deadline)
             deadline.reschedule(loop.time())
 
     @contextmanager
@@ -237,6 +248,7 @@ class Forwarder:
             yield
         finally:
             self._waiting.discard(deadline)
+            self._abandoned.discard(deadline)
 
     async def send(
         self,
@@ -255,19 +267,27 @@ class Forwarder:
         so a stale connection is not mistaken for a lost link.
         """
         attempts = 2 if idempotent and not isinstance(body, CountedBody) else 1
+        # A queueable write waits at most queue_after for its answer, then is queued.
+        wait = self.settings.queue_after if abandonable else None
         for attempt in range(attempts):
-            deadline = asyncio.timeout(None)
+            deadline = asyncio.timeout(wait)
+            abandoned = False
             try:
                 async with deadline:
                     with self._abandonable(deadline, abandonable):
-                        return await self.session.request(
-                            method, url, headers=headers, data=body, allow_redirects=False
-                        )
+                        try:
+                            return await self.session.request(
+                                method, url, headers=headers, data=body, allow_redirects=False
+                            )
+                        finally:
+                            abandoned = deadline in self._abandoned
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if isinstance(body, CountedBody) and body.exceeded:
                     raise BodyTooLarge from exc
-                if deadline.expired():
+                if deadline.expired() and abandoned:
                     raise UpstreamFailure("abandoned: proxy offline", abandoned=True) from exc
+                if deadline.expired():
+                    raise UpstreamFailure(f"no answer in {wait:g}s") from exc
                 failure = _failure(exc)
                 if not failure.retryable_now or attempt == attempts - 1:
                     raise failure from exc
@@ -279,7 +299,23 @@ class Forwarder:
     async def relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        """Stream the upstream response back to the station as it arrives."""
+        """Stream the upstream response back to the station as it arrives; a small one of
+        known length is read whole and answered in one write (headers and body together)."""
+        length = upstream.content_length
+        bodyless = request.method == "HEAD" or upstream.status in (204, 304)
+        if length is not None and length <= SMALL_RESPONSE and not bodyless:
+            try:
+                body = await upstream.content.readexactly(length)
+            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                raise ResponseCut("upstream closed mid-body") from exc
+            finally:
+                upstream.release()
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=response_headers(upstream.headers),
+                body=body,
+            )
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,

@@ -88,13 +88,28 @@ async def _contain_errors(request: web.Request, handler: Handler) -> web.StreamR
     """A handler bug answers 500 JSON instead of an HTML page; logged without any data."""
     try:
         return await handler(request)
-    except (web.HTTPException, ResponseCut):
-        # HTTP exceptions are answers; a cut response cannot be answered any more (aiohttp
-        # closes the connection, which is the only honest signal left).
+    except web.HTTPException:
         raise
+    except ResponseCut as cut:
+        # The upstream failed after the headers were relayed: the only honest signal left
+        # for the station is a cut connection.
+        log.warning("proxy_response_cut", method=request.method, reason=str(cut))
+        return _hang_up(request)
+    except ConnectionResetError:
+        # The station hung up while we were answering it: nobody is left to answer.
+        log.debug("proxy_station_disconnected", method=request.method)
+        return _hang_up(request)
     except Exception:
         log.exception("proxy_handler_failed", method=request.method)
         return _error(500, "internal_error")
+
+
+def _hang_up(request: web.Request) -> web.Response:
+    """Close the station's connection; the response returned is never written (aiohttp
+    finds the transport closed and ends the request quietly)."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=499)
 
 
 class ProxyServer:
