@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
 	prometheus-blackbox-exporter nftables iproute2 nginx-light
+BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
 
 .PHONY: venv deps demo test lint typecheck unit bench clean
@@ -48,8 +49,16 @@ unit: venv
 
 test: deps venv lint typecheck unit
 
-bench: venv
+# Benchmarks print their figures; see bench/README.md. Each takes minutes.
+bench: deps venv
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null; }
 	$(BIN)/python bench/probe_cost.py
+	$(BIN)/python bench/proxy_overhead.py
+	$(BIN)/python bench/enqueue_http.py
+	$(BIN)/python bench/enqueue.py
+	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/mqtt_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,6 +38,18 @@ def value(number: float) -> str:
     if d in (math.inf, -math.inf):
         return "+Inf" if d > 0 else "-Inf"
     return repr(d)
+
+
+def in_slices(lines: Iterable[str]) -> Iterator[list[str]]:
+    """Group lines into chunks of about ``SLICE_LINES`` (the renderer yields between)."""
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= SLICE_LINES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 class FastCollector(Protocol):

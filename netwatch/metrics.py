@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from netwatch.exposition import SLICE_LINES, escape, header, value
+from netwatch.exposition import escape, header, in_slices, value
 from probes import ProbeResult
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0)
@@ -162,15 +162,16 @@ class TargetCollector(Collector):
         self.muted = False
 
     def render_slices(self) -> Iterator[list[str]]:
-        targets = list(self.series.values())
+        return in_slices(self._text(list(self.series.values())))
+
+    @staticmethod
+    def _text(targets: list[TargetSeries]) -> Iterator[str]:
         for name, kind, help_text in _FAMILIES:
-            chunk = [header(name, kind, help_text)]
+            yield header(name, kind, help_text)
             for s in targets:
-                chunk.extend(_lines(name, s))
-                if len(chunk) >= SLICE_LINES:
-                    yield chunk
-                    chunk = []
-            yield chunk
+                # One target's lines are computed together, so they are consistent even
+                # when a probe result lands while the renderer is yielding.
+                yield from _lines(name, s)
 
     def collect(self) -> Iterable[Metric]:
         if self.muted:
@@ -295,24 +296,17 @@ class TimeCollector(Collector):
         self.muted = False
 
     def render_slices(self) -> Iterator[list[str]]:
-        yield [
-            header("netwatch_peak_hours", "gauge", "The site is inside a peak window now."),
-            f"netwatch_peak_hours{{{self._labels}}} {value(self._is_peak())}\n",
-            header("netwatch_outage_seconds_total", "counter", _OUTAGE_HELP),
-        ]
-        chunk: list[str] = []
+        return in_slices(self._text())
+
+    def _text(self) -> Iterator[str]:
+        yield header("netwatch_peak_hours", "gauge", "The site is inside a peak window now.")
+        yield f"netwatch_peak_hours{{{self._labels}}} {value(self._is_peak())}\n"
+        yield header("netwatch_outage_seconds_total", "counter", _OUTAGE_HELP)
+        name = "netwatch_outage_seconds_total"
         for t in self._outage_totals():
             lbl = f'{self._labels},target="{escape(t.target)}",type="{escape(t.type)}"'
-            chunk.append(
-                f'netwatch_outage_seconds_total{{{lbl},peak="true"}} {value(t.peak_seconds)}\n'
-            )
-            chunk.append(
-                f'netwatch_outage_seconds_total{{{lbl},peak="false"}} {value(t.off_peak_seconds)}\n'
-            )
-            if len(chunk) >= SLICE_LINES:
-                yield chunk
-                chunk = []
-        yield chunk
+            yield f'{name}{{{lbl},peak="true"}} {value(t.peak_seconds)}\n'
+            yield f'{name}{{{lbl},peak="false"}} {value(t.off_peak_seconds)}\n'
 
     def collect(self) -> Iterable[Metric]:
         if self.muted:
