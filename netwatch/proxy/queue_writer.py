@@ -261,10 +261,14 @@ class GroupWriter:
                     conn.execute("ROLLBACK")
         else:
             self.commits += 1
+        # One wake-up per event loop for the whole group, not one per entry.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for job, result, err in outcomes:
+            by_loop.setdefault(job.loop, []).append((job.fut, result, err))
+        for loop, resolved in by_loop.items():
             # A caller whose loop is already closed cannot be told; the others must be.
             with contextlib.suppress(RuntimeError):
-                job.loop.call_soon_threadsafe(_resolve, job.fut, result, err)
+                loop.call_soon_threadsafe(_resolve_all, resolved)
 
     def _maybe_checkpoint(self, *, idle: bool) -> None:
         # SQLite's own PASSIVE auto-checkpoint recycles the WAL but never shrinks the file;
@@ -288,10 +292,14 @@ class GroupWriter:
             self._since_checkpoint = 0
 
 
-def _resolve(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if fut.done():  # the caller was cancelled; its write happened all the same
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _resolve_all(outcomes: list[_Outcome]) -> None:
+    for fut, result, exc in outcomes:
+        if fut.done():  # the caller was cancelled; its write happened all the same
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
