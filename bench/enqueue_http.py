@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,8 +133,55 @@ async def load(url: str, clients: int, seconds: float, limit: int | None = None)
     }
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"station":"bench","citizen_id":"079012345678","kind":"chip-id"}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+async def load_wrk(url: str, clients: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """The same closed loop driven by wrk: a C client leaves both cores' Python time to the
+    proxy (a Python client costs about as much CPU per request as the proxy itself)."""
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", str(script),
+        f"{url}/api/applications", stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    fields: dict[str, float] = {}
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            fields["rate"] = float(parts[1])
+        elif parts[:1] in (["50%"], ["99%"]):
+            fields[parts[0]] = _ms(parts[1])
+        elif "requests in" in line:
+            fields["requests"] = float(parts[0])
+        elif line.strip().startswith("Non-2xx"):
+            fields["non2xx"] = float(parts[-1])
+    done = int(fields.get("requests", 0))
+    bad = int(fields.get("non2xx", 0))
+    return {
+        "queued": done - bad,
+        "statuses": {"2xx": done - bad, "other": bad},
+        "elapsed_s": seconds,
+        "rate": fields.get("rate", 0.0) * (done - bad) / max(1, done),
+        "p50_ms": fields.get("50%"),
+        "p99_ms": fields.get("99%"),
+    }
+
+
+def _ms(text: str) -> float:
+    for unit, factor in (("ms", 1.0), ("us", 0.001), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
 async def measure(
-    workdir: Path, group_commit: bool, clients: int, seconds: float
+    workdir: Path, group_commit: bool, clients: int, seconds: float, *, use_wrk: bool
 ) -> dict[str, Any]:
     proxy = Proxy(workdir, group_commit=group_commit)
     try:
@@ -141,7 +189,10 @@ async def measure(
             await proxy.wait_offline(session)
         await load(proxy.url, clients, 1.0)  # warm-up
         cpu0 = proxy.cpu_seconds()
-        result = await load(proxy.url, clients, seconds)
+        if use_wrk:
+            result = await load_wrk(proxy.url, clients, seconds, workdir)
+        else:
+            result = await load(proxy.url, clients, seconds)
         result["proxy_cpu_s_per_1000"] = (
             (proxy.cpu_seconds() - cpu0) / max(1, result["queued"]) * 1000
         )
@@ -179,11 +230,16 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--fill", type=int, default=100_000)
     parser.add_argument("--dir", type=Path, default=None, help="where the queue files go")
+    parser.add_argument(
+        "--python-client", action="store_true", help="drive with aiohttp even if wrk exists"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="netwatch-bench-") as tmp:
         workdir = Path(tmp)
-        group = await measure(workdir, True, args.clients, args.seconds)
-        single = await measure(workdir, False, args.clients, args.seconds)
+        use_wrk = shutil.which("wrk") is not None and not args.python_client
+        group = await measure(workdir, True, args.clients, args.seconds, use_wrk=use_wrk)
+        single = await measure(workdir, False, args.clients, args.seconds, use_wrk=use_wrk)
+        print(f"load generator: {'wrk' if use_wrk else 'Python aiohttp client (no wrk found)'}")
         print(
             f"HTTP enqueue, {args.clients} concurrent clients, {args.seconds:.0f}s, "
             "synchronous=FULL"
