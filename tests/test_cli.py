@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,30 +31,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> 
     return lines[-1]
 
 
-@pytest.fixture
-async def listening_port() -> AsyncIterator[int]:
-    async def handle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
-
-
 def test_version_prints_the_package_version() -> None:
     proc = netwatch("--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("netwatch, version ")
 
 
-async def test_probe_tcp_reports_success_and_json(listening_port: int) -> None:
-    proc = await asyncio.to_thread(netwatch, "probe", "tcp", f"127.0.0.1:{listening_port}")
+async def test_probe_tcp_reports_success_and_json(tcp_upstream: int) -> None:
+    proc = await asyncio.to_thread(netwatch, "probe", "tcp", f"127.0.0.1:{tcp_upstream}")
     assert proc.returncode == 0, proc.stderr
-    assert f"tcp 127.0.0.1:{listening_port}: ok" in proc.stdout
+    assert f"tcp 127.0.0.1:{tcp_upstream}: ok" in proc.stdout
 
-    proc = await asyncio.to_thread(
-        netwatch, "probe", "tcp", f"127.0.0.1:{listening_port}", "--json"
-    )
+    proc = await asyncio.to_thread(netwatch, "probe", "tcp", f"127.0.0.1:{tcp_upstream}", "--json")
     data = json.loads(proc.stdout)
     assert data["success"] is True
     assert data["type"] == "tcp"

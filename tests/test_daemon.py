@@ -7,7 +7,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,6 @@ from typing import Any
 import pytest
 from helpers.daemon import eventually, free_tcp_port, run_daemon, write_config
 from helpers.relay import FaultRelay
-
-
-@pytest.fixture
-async def tcp_upstream() -> AsyncIterator[int]:
-    """A loopback TCP service that accepts and closes: what a healthy gateway looks like."""
-
-    async def handle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
 
 
 def site_config(

@@ -20,16 +20,6 @@ from netwatch.schedule import PeakSchedule
 
 
 @pytest.fixture
-async def tcp_port() -> AsyncIterator[int]:
-    async def handle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
-
-
-@pytest.fixture
 async def hung_http_port() -> AsyncIterator[int]:
     """Accepts connections and never answers: an HTTP probe against it hangs."""
     held: list[asyncio.StreamWriter] = []
@@ -72,21 +62,21 @@ async def running(config: Config) -> AsyncIterator[tuple[Monitor, CollectorRegis
         await close_shared_sessions()
 
 
-async def test_each_target_keeps_its_own_interval_without_drift(tcp_port: int) -> None:
+async def test_each_target_keeps_its_own_interval_without_drift(tcp_upstream: int) -> None:
     config = make_config(
         [
             {
                 "name": "fast",
                 "type": "tcp",
                 "host": "127.0.0.1",
-                "port": tcp_port,
+                "port": tcp_upstream,
                 "interval": "100ms",
             },
             {
                 "name": "slow",
                 "type": "tcp",
                 "host": "127.0.0.1",
-                "port": tcp_port,
+                "port": tcp_upstream,
                 "interval": "500ms",
             },
         ]
@@ -105,7 +95,7 @@ async def test_each_target_keeps_its_own_interval_without_drift(tcp_port: int) -
     assert lag_sum / lag_count < 0.05
 
 
-async def test_a_hung_probe_delays_no_other_target(tcp_port: int, hung_http_port: int) -> None:
+async def test_a_hung_probe_delays_no_other_target(tcp_upstream: int, hung_http_port: int) -> None:
     config = make_config(
         [
             {
@@ -119,7 +109,7 @@ async def test_a_hung_probe_delays_no_other_target(tcp_port: int, hung_http_port
                 "name": "healthy",
                 "type": "tcp",
                 "host": "127.0.0.1",
-                "port": tcp_port,
+                "port": tcp_upstream,
                 "interval": "100ms",
             },
         ],
@@ -142,9 +132,15 @@ async def test_a_hung_probe_delays_no_other_target(tcp_port: int, hung_http_port
     assert [c.new for c in changes if c.target == "healthy"] == ["up"]
 
 
-async def test_first_probes_are_spread_over_the_interval(tcp_port: int) -> None:
+async def test_first_probes_are_spread_over_the_interval(tcp_upstream: int) -> None:
     targets = [
-        {"name": f"t{i}", "type": "tcp", "host": "127.0.0.1", "port": tcp_port, "interval": "1s"}
+        {
+            "name": f"t{i}",
+            "type": "tcp",
+            "host": "127.0.0.1",
+            "port": tcp_upstream,
+            "interval": "1s",
+        }
         for i in range(40)
     ]
     first_seen: dict[str, float] = {}
@@ -164,7 +160,7 @@ async def test_first_probes_are_spread_over_the_interval(tcp_port: int) -> None:
     assert max(first_seen.values()) - min(first_seen.values()) > 0.5
 
 
-async def test_concurrency_bound_holds(tcp_port: int, hung_http_port: int) -> None:
+async def test_concurrency_bound_holds(tcp_upstream: int, hung_http_port: int) -> None:
     targets = [
         {
             "name": f"h{i}",

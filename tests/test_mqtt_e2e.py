@@ -41,18 +41,6 @@ RECOVER_AFTER = 2
 
 
 @pytest.fixture
-async def tcp_upstream() -> AsyncIterator[int]:
-    """A loopback TCP service that accepts and closes: what a healthy gateway looks like."""
-
-    async def handle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1]
-
-
-@pytest.fixture
 async def relay(tcp_upstream: int) -> AsyncIterator[FaultRelay]:
     async with FaultRelay("127.0.0.1", tcp_upstream) as relay:
         yield relay
