@@ -72,12 +72,15 @@ def client_options(settings: Mqtt) -> dict[str, Any]:
     secure = url.scheme == "mqtts"
     tls: ssl.SSLContext | None = None
     if secure:
+        key, path = "mqtt.ca_file", settings.ca_file
         try:
             tls = ssl.create_default_context(cafile=settings.ca_file)
             if settings.cert_file:
+                key, path = "mqtt.cert_file", settings.cert_file
                 tls.load_cert_chain(settings.cert_file, settings.key_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"mqtt: cannot load the TLS files: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{key}: cannot load {path}: {reason}") from None
     try:
         port = url.port or (8883 if secure else 1883)
     except ValueError as exc:
