@@ -191,8 +191,9 @@ def demo(
 
     root = ctx.find_root()
     if root.params.get("log_level") == "info" and not root.params.get("debug"):
-        # The live view owns the terminal: only warnings and errors go to stderr.
-        configure_logging("warning", root.params.get("log_format", "auto"))
+        # The live view owns the terminal (and the summary reports dead letters): only
+        # errors go to stderr unless --log-level asks for more.
+        configure_logging("error", root.params.get("log_format", "auto"))
 
     if duration <= 0 or seconds_per_hour <= 0 or stations < 0:
         raise UsageError("--duration and --seconds-per-hour must be positive, --stations >= 0")
