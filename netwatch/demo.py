@@ -181,9 +181,9 @@ def _view(
     table.add_row("database", "[bold red]OUTAGE[/]" if sim.in_outage() else "[green]serving[/]")
     extra = daemon.extras.status().get("proxy")
     if extra:
-        queue = extra.get("queue", {})
+        dead = (extra.get("queue") or {}).get("dead", 0)
         table.add_row("proxy mode", str(extra.get("mode")))
-        table.add_row("queue", f"{queue.get('depth', 0)} waiting, {queue.get('dead', 0)} dead")
+        table.add_row("queue", f"{extra.get('backlog', 0)} waiting, {dead} dead")
     if fleet is not None:
         c = fleet.counts
         table.add_row(
@@ -315,7 +315,7 @@ async def _drain(daemon: Daemon, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proxy = daemon.extras.status().get("proxy") or {}
-        if proxy.get("queue", {}).get("depth", 0) == 0 and proxy.get("mode") == "online":
+        if proxy.get("backlog", 0) == 0 and proxy.get("mode") == "online":
             return
         await asyncio.sleep(0.25)
 

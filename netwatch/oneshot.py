@@ -145,10 +145,11 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     proxy = data.get("proxy")
     if proxy:
         mode = proxy.get("mode", "?")
-        queue = proxy.get("queue", {})
+        queue = proxy.get("queue") or {}
+        waiting = proxy.get("backlog", queue.get("depth", 0))
         console.print(
             f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')})  "
-            f"queue {queue.get('depth', 0)} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
+            f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )
     mqtt = data.get("mqtt")
