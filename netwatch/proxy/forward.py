@@ -226,6 +226,9 @@ class Forwarder:
             raise RuntimeError("Forwarder used outside its context")
         return self._session
 
+    def _closing(self) -> bool:
+        return self._session is None or self._session.closed
+
     def url(self, raw_path: str, raw_query: str = "") -> URL:
         return URL(self._base + raw_path + (f"?{raw_query}" if raw_query else ""), encoded=True)
 
@@ -289,7 +292,8 @@ class Forwarder:
                 if deadline.expired():
                     raise UpstreamFailure(f"no answer in {wait:g}s") from exc
                 failure = _failure(exc)
-                if not failure.retryable_now or attempt == attempts - 1:
+                # A closed session means the proxy is shutting down: no second attempt.
+                if not failure.retryable_now or attempt == attempts - 1 or self._closing():
                     raise failure from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
