@@ -524,3 +524,13 @@ async def test_upstream_dying_mid_body_cuts_the_station_quietly(
             async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
                 assert response.status == 200
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_added_idempotency_keys_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from netwatch.proxy.server import new_idempotency_key
+
+    keys = {new_idempotency_key() for _ in range(10_000)}
+    assert len(keys) == 10_000
+    assert all(uuid.UUID(k).version == 4 for k in keys)

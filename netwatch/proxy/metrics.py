@@ -80,6 +80,7 @@ class ProxyMetrics:
         )
         for outcome in REPLAY_OUTCOMES:
             self._replays.labels(site, outcome)
+        self._request_children: dict[tuple[str, str], Counter] = {}
         registry.register(_QueueCollector(self))
 
     def set_mode(self, mode: str) -> None:
@@ -87,8 +88,11 @@ class ProxyMetrics:
             self._mode.labels(self.site, each).set(1.0 if each == mode else 0.0)
 
     def request(self, method: str, outcome: str) -> None:
-        label = method if method in METHODS else "OTHER"
-        self._requests.labels(self.site, label, outcome).inc()
+        key = (method if method in METHODS else "OTHER", outcome)
+        child = self._request_children.get(key)
+        if child is None:  # label lookups cost more than the increment: once per pair
+            child = self._request_children[key] = self._requests.labels(self.site, *key)
+        child.inc()
 
     def replayed(self, outcome: str, lag: float | None = None) -> None:
         self._replays.labels(self.site, outcome).inc()

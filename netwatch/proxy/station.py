@@ -243,12 +243,17 @@ class StationProxy:
                 self._replayer.wake()
 
     def _announce(self, mode: Mode, reason: str) -> None:
-        log.info("proxy_mode_changed", mode=mode, reason=reason, backlog=self._state.depth)
+        backlog = self._depth + self._enqueuing
+        log.info("proxy_mode_changed", mode=mode, reason=reason, backlog=backlog)
         self.metrics.set_mode(mode)
         self.hub.publish(ModeChanged(self.site_id, mode, reason, self._state.since))
 
     def _backlog(self) -> None:
-        self._feed(BacklogChanged(self._depth + self._enqueuing))
+        depth = self._depth + self._enqueuing
+        # The mode rules only tell an empty backlog from a non-empty one: feeding every
+        # count (twice per queued request) would cost the hot path for nothing.
+        if (depth > 0) != (self._state.depth > 0):
+            self._feed(BacklogChanged(depth))
 
     # --- the queue, for the server and the replayer ----------------------------------------------
 
