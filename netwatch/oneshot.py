@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 from rich.console import Console
@@ -108,25 +108,50 @@ def render_result(result: ProbeResult, console: Console | None = None) -> None:
             console.print(f"  {key}: {value}")
 
 
+def _get_json(endpoint: str, timeout: float) -> dict[str, Any]:
+    with urlopen(endpoint, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
+        data: dict[str, Any] = json.load(resp)
+        return data
+
+
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    endpoint = url.rstrip("/") + "/api/v1/status"
+    """The status of a site daemon, or of a stand-alone ``netwatch proxy`` (which has only
+    its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets)."""
+    base = url.rstrip("/")
+    endpoint = base + "/api/v1/status"
     try:
-        with urlopen(endpoint, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
-            data: dict[str, Any] = json.load(resp)
+        return _get_json(endpoint, timeout)
+    except HTTPError as exc:
+        if exc.code != 404:
+            raise DaemonError(f"{endpoint} answered {exc.code} {exc.reason}") from None
     except (URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DaemonError(f"cannot reach the daemon at {endpoint}: {reason}") from None
-    return data
+    try:
+        proxy = _get_json(base + "/_netwatch/status", timeout)
+    except (URLError, OSError, ValueError) as exc:
+        raise DaemonError(f"{url} is neither a netwatch daemon nor a station proxy") from exc
+    return {"site": {"id": "(station proxy)"}, "role": "proxy", "targets": [], "proxy": proxy}
 
 
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     site = data.get("site", {})
-    peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
-    console.print(
-        f"[bold]{site.get('id')}[/] {site.get('name', '')}  netwatch {data.get('version')}  "
-        f"{peak}  up {data.get('uptime_s', 0):.0f}s"
-    )
+    if "version" in data:
+        peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
+        console.print(
+            f"[bold]{site.get('id')}[/] {site.get('name', '')}  netwatch {data.get('version')}  "
+            f"{peak}  up {data.get('uptime_s', 0):.0f}s"
+        )
+    else:
+        guards = (data.get("proxy") or {}).get("guard") or {}
+        console.print(
+            "[bold]station proxy[/]  guard: "
+            + (", ".join(f"{name} {state}" for name, state in guards.items()) or "none")
+        )
+    if not data.get("targets"):
+        _render_proxy(console, data)
+        return
     table = Table("target", "type", "state", "since", "latency", "loss", "last error")
     for t in data.get("targets", []):
         last = t.get("last") or {}
@@ -142,6 +167,10 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             last.get("error") or "",
         )
     console.print(table)
+    _render_proxy(console, data)
+
+
+def _render_proxy(console: Console, data: dict[str, Any]) -> None:
     proxy = data.get("proxy")
     if proxy:
         mode = proxy.get("mode", "?")

@@ -3,7 +3,10 @@ forwards, serves its metrics, and stops cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,15 @@ async def test_proxy_process_follows_its_guard_and_exports_metrics(tmp_path: Pat
                 text = await resp.text()
             assert 'netwatch_proxy_mode{mode="online",site="q3-vo-thi-sau"} 1.0' in text
             assert 'netwatch_link_state{site="q3-vo-thi-sau",state="up"' in text
+
+            status = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "netwatch", "status", "--url", base,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await status.communicate()
+            assert status.returncode == 0, err.decode()
+            assert "station proxy  guard: popdb-api ok" in out.decode()
+            assert "proxy online" in out.decode()
 
             proc.signal(signal.SIGTERM)
             assert await proc.wait_exit(5.0) == 0
