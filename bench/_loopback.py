@@ -189,18 +189,6 @@ def start(mode: str, *args: str, timeout: float = 20.0) -> tuple[subprocess.Pope
     return proc, json.loads(line)
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 5.0) -> None:
-    """Close the child's stdin (its signal to exit); kill it if it lingers."""
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("tcp-server", "http-server", "connect-loop"))

@@ -1,11 +1,13 @@
-"""What the probe benchmarks read from other processes: CPU and memory from /proc, and
-counters and histograms from a Prometheus text exposition."""
+"""What the benchmarks read from other processes (CPU and memory from /proc, counters and
+histograms from a Prometheus text exposition), and how they stop their helper children."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import subprocess
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -131,3 +133,15 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 5.0) -> None:
+    """Close the child's stdin (its signal to exit); kill it if it lingers."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -264,18 +264,6 @@ def command(proc: subprocess.Popen[str], mode: str, timeout: float = 5.0) -> Non
         raise RuntimeError(f"relay answered {answer!r} to {mode!r}")
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 5.0) -> None:
-    """Close the child's stdin (its signal to exit); kill it if it lingers."""
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("serve", "relay"))

@@ -55,6 +55,7 @@ from _measure import (
     memory_mb,
     parse_netwatch,
     percentile,
+    stop,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ class Services:
 
     def close(self) -> None:
         for proc in self.procs:
-            _loopback.stop(proc)
+            stop(proc)
 
     def netwatch_targets(self, kind: str) -> list[dict[str, Any]]:
         if kind == "tcp":
@@ -284,7 +285,7 @@ def run_baseline(rate: float, svc: Services, args: argparse.Namespace, work: Pat
         (ok1, f1), c1, t1 = mark(), cpu_seconds(proc.pid), time.monotonic()
         mem = memory_mb(proc.pid)
     finally:
-        _loopback.stop(proc, timeout=5.0)
+        stop(proc, timeout=5.0)
     ok, failed = ok1 - ok0, f1 - f0
     return summary(c1 - c0, ok + failed, ok, t1 - t0, mem)
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _upstream
+from _measure import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWATCH = ROOT / ".venv" / "bin" / "netwatch"
@@ -259,7 +260,7 @@ def child(mode: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
     try:
         yield proc, port
     finally:
-        _upstream.stop(proc)
+        stop(proc)
 
 
 # --- a raw HTTP/1.1 client -------------------------------------------------------------------
@@ -629,7 +630,7 @@ async def failover_once(
         broke: list[float] = []
         first_202: list[float] = []
 
-        def stop(recs: list[Rec]) -> bool:
+        def enough(recs: list[Rec]) -> bool:
             if broke and not first_202:
                 found = [r.done for r in recs if r.status == 202]
                 if found:
@@ -645,7 +646,7 @@ async def failover_once(
         async with asyncio.TaskGroup() as tg:
             tg.create_task(breaker())
             window = tg.create_task(
-                paced(pool, payload, rate, int(rate * bound), timeout=bound, until=stop)
+                paced(pool, payload, rate, int(rate * bound), timeout=bound, until=enough)
             )
         recs = window.result()
         t_break = broke[0]
