@@ -358,6 +358,22 @@ def proxy_guard_ok(url: str) -> Callable[[], Any]:
     return check
 
 
+def follower_config(site: dict[str, Any], upstream: str, tmp_path: Path) -> dict[str, Any]:
+    """A stand-alone `netwatch proxy` of the same site (same broker), guarding the upstream
+    with its own http probe."""
+    guard = {"name": "popdb-api", "type": "http", "url": f"{upstream}/health"}
+    return {
+        **site,
+        "targets": [guard],
+        "proxy": {
+            "listen": f"127.0.0.1:{free_tcp_port()}",
+            "upstream": upstream,
+            "guard": ["popdb-api"],
+            "queue": {"path": str(tmp_path / "queue.db")},
+        },
+    }
+
+
 async def test_operator_command_switches_a_separate_proxy_process_and_bad_ones_are_counted(
     tmp_path: Path, relay: FaultRelay
 ) -> None:
@@ -367,17 +383,7 @@ async def test_operator_command_switches_a_separate_proxy_process_and_bad_ones_a
         watch(broker, f"{P}/#") as operator,
     ):
         site = site_config(broker, relay)
-        guard = {"name": "popdb-api", "type": "http", "url": f"{upstream}/health"}
-        proxy_config = {
-            **site,
-            "targets": [guard],
-            "proxy": {
-                "listen": f"127.0.0.1:{free_tcp_port()}",
-                "upstream": upstream,
-                "guard": ["popdb-api"],
-                "queue": {"path": str(tmp_path / "queue.db")},
-            },
-        }
+        proxy_config = follower_config(site, upstream, tmp_path)
         async with run_daemon(tmp_path, site) as daemon, run_proxy(tmp_path, proxy_config) as px:
             await operator.wait_for(lambda: mode_of(operator) == "online", 10, "site online")
             await operator.wait_for(
@@ -465,17 +471,7 @@ async def test_proxy_ignores_the_retained_mode_of_a_dead_daemon_and_follows_it_o
         watch(broker, f"{P}/#") as sub,
     ):
         site = site_config(broker, relay)
-        guard = {"name": "popdb-api", "type": "http", "url": f"{upstream}/health"}
-        proxy_config = {
-            **site,
-            "targets": [guard],
-            "proxy": {
-                "listen": f"127.0.0.1:{free_tcp_port()}",
-                "upstream": upstream,
-                "guard": ["popdb-api"],
-                "queue": {"path": str(tmp_path / "queue.db")},
-            },
-        }
+        proxy_config = follower_config(site, upstream, tmp_path)
         relay.mode = "refuse"
         async with run_daemon(tmp_path, site, name="first") as daemon:
             await sub.wait_for(lambda: mode_of(sub) == "offline", 10, "site offline")

@@ -13,27 +13,9 @@ from typing import Any
 import aiohttp
 from helpers.daemon import DaemonProcess, eventually, free_tcp_port, write_config
 from helpers.relay import FaultRelay
+from helpers.stations import proxy_config
 
 from netwatch.simulator import PopulationSimulator
-
-
-def proxy_config(tmp_path: Path, upstream: str, listen_port: int) -> dict[str, Any]:
-    return {
-        "site": {"id": "q3-vo-thi-sau", "timezone": "UTC"},
-        "defaults": {"interval": "200ms", "timeout": "300ms"},
-        "targets": [
-            {"name": "popdb-api", "type": "http", "url": f"{upstream}/health"},
-        ],
-        "link": {"fail_after": 2, "recover_after": 2},
-        "proxy": {
-            "listen": f"127.0.0.1:{listen_port}",
-            "upstream": upstream,
-            "guard": ["popdb-api"],
-            "queue": {"path": str(tmp_path / "queue.db")},
-            "connect_timeout": "300ms",
-            "request_timeout": "2s",
-        },
-    }
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -48,7 +30,14 @@ async def test_proxy_process_follows_its_guard_and_exports_metrics(tmp_path: Pat
         aiohttp.ClientSession() as session,
     ):
         port = free_tcp_port()
-        cfg = write_config(tmp_path / "proxy.yaml", proxy_config(tmp_path, relay.url, port))
+        config = proxy_config(
+            listen=f"127.0.0.1:{port}",
+            upstream=relay.url,
+            queue_path=tmp_path / "queue.db",
+            guard_url=f"{relay.url}/health",
+            request_timeout="2s",
+        )
+        cfg = write_config(tmp_path / "proxy.yaml", config)
         proc = DaemonProcess(["proxy", "-c", str(cfg)], tmp_path / "proxy.log", None)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -84,8 +73,8 @@ async def test_proxy_process_follows_its_guard_and_exports_metrics(tmp_path: Pat
 
             async with session.get(f"{base}/_netwatch/metrics") as resp:
                 text = await resp.text()
-            assert 'netwatch_proxy_mode{mode="online",site="q3-vo-thi-sau"} 1.0' in text
-            assert 'netwatch_link_state{site="q3-vo-thi-sau",state="up"' in text
+            assert 'netwatch_proxy_mode{mode="online",site="chaos-lab"} 1.0' in text
+            assert 'netwatch_link_state{site="chaos-lab",state="up"' in text
 
             status = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "netwatch", "status", "--url", base,
