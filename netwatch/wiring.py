@@ -21,7 +21,7 @@ import structlog
 from netwatch import __version__
 from netwatch.alerts import AlertEvent, AlertPolicy, AlertState
 from netwatch.config import Config
-from netwatch.events import LinkChanged, ModeChanged, QueueStats
+from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 from netwatch.proxy import mode as machine
 
 if TYPE_CHECKING:
@@ -109,7 +109,12 @@ class Extras:
             from netwatch.mqtt import MqttBridge
 
             self.bridge = MqttBridge(
-                config.mqtt, site, __version__, daemon.registry, on_mode_command=self.command
+                config.mqtt,
+                site,
+                __version__,
+                daemon.registry,
+                on_mode_command=self.command,
+                labels={"district": config.site.district, "isp": config.site.isp},
             )
         elif config.mqtt is not None:
             from netwatch.mqtt_follower import MqttModeFollower
@@ -226,6 +231,9 @@ class Extras:
             elif isinstance(event, ModeChanged):
                 if self.bridge is not None:
                     self.bridge.publish_mode(event)
+            elif isinstance(event, SiteFaultChanged):
+                if self.bridge is not None:
+                    self.bridge.publish_fault(event)
             elif isinstance(event, QueueStats):
                 if self.bridge is not None:
                     self.bridge.publish_queue(event)
