@@ -20,10 +20,10 @@ def render_path(result: ProbeResult, console: Console) -> None:
     verdict = (
         "[green]reached[/]" if result.success else f"[bold red]not reached[/] ({result.error})"
     )
-    console.print(
-        f"path {result.target} ({details.get('address', '?')}, "
-        f"{details.get('protocol', '?')}, {details.get('rounds', '?')} rounds): {verdict}"
-    )
+    how = ""
+    if "address" in details:
+        how = f" ({details['address']}, {details['protocol']}, {details['rounds']} rounds)"
+    console.print(f"path {result.target}{how}: {verdict}")
     if result.message:
         console.print(f"  {result.message}")
     hops = details.get("hops") or []

@@ -70,7 +70,8 @@ _ECHO_REPLY = {4: 0, 6: 129}
 
 PERMISSION_HINT = (
     "path traces need raw ICMP sockets (root or CAP_NET_RAW) or, for protocol udp, Linux "
-    "IP_RECVERR: run netwatch as root, grant it CAP_NET_RAW, or set the target's protocol: udp"
+    "IP_RECVERR: run netwatch as root, grant it CAP_NET_RAW, or use protocol udp "
+    "(`protocol: udp` on the target, `--protocol udp` on the command line)"
 )
 
 
