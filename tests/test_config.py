@@ -264,7 +264,8 @@ def test_unknown_key_is_reported_at_its_line_with_a_suggestion(problems: Problem
         ),
         (
             "targets: [{name: a, type: ping, host: h}]",
-            "targets[0].type: unknown type 'ping' (use one of 'icmp', 'tcp', 'http', 'dns', 'tls', 'path')",
+            "targets[0].type: unknown type 'ping' "
+            "(use one of 'icmp', 'tcp', 'http', 'dns', 'tls', 'path')",
         ),
         ("targets: [{name: a, host: h}]", "targets[0].type: missing required key"),
         ("targets: {name: a}", "targets: expected a list, got a mapping"),
