@@ -88,11 +88,16 @@ class Daemon:
     def is_peak(self) -> bool:
         return self.monitor.schedule.is_peak(self.clock.now())
 
-    def _fault_changed(self, status: fault.FaultStatus) -> None:
+    def fault_event(self) -> SiteFaultChanged:
+        """The site's current fault verdict as an event (MQTT ``status`` carries it)."""
+        status = self.fault.status
         verdict = status.verdict
-        self.hub.publish(
-            SiteFaultChanged(self.config.site.id, verdict.fault.value, status.since, verdict.reason)
+        return SiteFaultChanged(
+            self.config.site.id, verdict.fault.value, status.since, verdict.reason
         )
+
+    def _fault_changed(self, _: fault.FaultStatus) -> None:
+        self.hub.publish(self.fault_event())
 
     def status(self) -> dict[str, Any]:
         """What ``GET /api/v1/status`` and ``netwatch status`` show."""

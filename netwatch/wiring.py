@@ -116,6 +116,7 @@ class Extras:
                 on_mode_command=self.command,
                 labels={"district": config.site.district, "isp": config.site.isp},
             )
+            self.bridge.publish_fault(daemon.fault_event())
         elif config.mqtt is not None:
             from netwatch.mqtt_follower import MqttModeFollower
 
