@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import os
-import random
 import socket
 import struct
 import time
@@ -48,6 +46,10 @@ import icmplib
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._util import classify, failure, resolve
 
+# The icmp probe's identifiers: one sequence for every raw ICMP socket of the process, so
+# that an echo probe never takes a trace's answer for its own (both see every packet).
+from probes.icmp import _IDS
+
 Protocol_ = Literal["auto", "icmp", "udp"]
 
 MAX_HOPS_LIMIT = 64
@@ -56,13 +58,15 @@ MAX_ROUNDS = 20
 # soon after the destination has answered.
 _SEND_GAP = 0.01
 _SEQ_BASE = MAX_HOPS_LIMIT + 1  # sequence = round * _SEQ_BASE + ttl
-_IDS = itertools.count(random.randrange(1, 0xFFFF))
 
 # Linux values; Python 3.11's socket module does not name them.
 _SOL_IP, _IP_RECVERR = 0, 11
 _SOL_IPV6, _IPV6_RECVERR = 41, 25
 _EE_ORIGIN_ICMP, _EE_ORIGIN_ICMP6 = 2, 3
 _EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_STALE_ERRORS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+)
 _TIME_EXCEEDED = {4: 11, 6: 3}
 _UNREACHABLE = {4: 3, 6: 1}
 _PORT_UNREACHABLE = {4: 3, 6: 4}
@@ -220,7 +224,13 @@ class _IcmpTransport:
 
     def send(self, sequence: int, ttl: int) -> float:
         request = icmplib.ICMPRequest(self._address, id=self._id, sequence=sequence, ttl=ttl)
-        self._icmp.send(request)
+        try:
+            self._icmp.send(request)
+        except icmplib.ICMPSocketError as exc:
+            # icmplib keeps only the text; the errno (EPERM from a firewall) is the context.
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
         return request.time or time.time()
 
     async def receive(self, timeout: float) -> list[Reply]:
@@ -299,9 +309,15 @@ class _UdpTransport:
         else:
             self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         at = time.time()
-        with contextlib.suppress(BlockingIOError):
-            # A pending error may surface on send (ECONNREFUSED and friends): not ours.
-            self._sock.sendto(b"netwatch-path", (self._address, self._port + sequence))
+        destination = (self._address, self._port + sequence)
+        try:
+            self._sock.sendto(b"netwatch-path", destination)
+        except (ConnectionError, OSError) as exc:
+            # An earlier probe's ICMP error may be reported on this send: that one is on the
+            # error queue already, so send again; a real failure counts as a lost probe.
+            if exc.errno not in _STALE_ERRORS:
+                raise
+            self._sock.sendto(b"netwatch-path", destination)
         return at
 
     async def receive(self, timeout: float) -> list[Reply]:
@@ -426,12 +442,13 @@ class PathProbe:
                 error, message = ERROR_DNS, f"name resolution failed for {self.host}"
             return failure(self.type, self.host, error, message)
         try:
-            sent, replies = await self._trace(transport, deadline)
+            sent, replies, send_errors = await self._trace(transport, deadline)
         except (icmplib.ICMPSocketError, OSError) as exc:
             return failure(self.type, self.host, ERROR_UNREACHABLE, f"trace failed: {exc}")
         finally:
             transport.close()
-        return self._result(address, protocol, summarize(sent, replies, self.max_hops))
+        trace = summarize(sent, replies, self.max_hops)
+        return self._result(address, protocol, trace, send_errors if not replies else [])
 
     async def _resolve(self) -> str:
         if icmplib.is_ipv4_address(self.host) or icmplib.is_ipv6_address(self.host):
@@ -446,10 +463,11 @@ class PathProbe:
 
     async def _trace(
         self, transport: _Transport, deadline: float
-    ) -> tuple[dict[int, tuple[int, float]], list[Reply]]:
+    ) -> tuple[dict[int, tuple[int, float]], list[Reply], list[BaseException]]:
         sent: dict[int, tuple[int, float]] = {}
         replies: list[Reply] = []
         answered: set[int] = set()
+        send_errors: list[BaseException] = []
         start = time.perf_counter()
         # (round, ttl) to send, in order; a round's TTLs past a known destination are skipped.
         queue = [(r, ttl) for r in range(self.rounds) for ttl in range(1, self.max_hops + 1)]
@@ -468,7 +486,12 @@ class PathProbe:
                     next_send = round_start
                     break
                 sequence = round_no * _SEQ_BASE + ttl
-                sent[sequence] = (ttl, transport.send(sequence, ttl))
+                try:
+                    sent[sequence] = (ttl, transport.send(sequence, ttl))
+                except (OSError, icmplib.ICMPSocketError) as exc:
+                    # Refused locally (a firewall's EPERM, no route): lost, like silence.
+                    sent[sequence] = (ttl, time.time())
+                    send_errors.append(exc)
                 position += 1
                 next_send = now + _SEND_GAP
             if position >= len(queue) and len(replies) >= len(sent):
@@ -483,11 +506,20 @@ class PathProbe:
                     if reply.answer is Answer.REACHED:
                         ttl = sent[reply.sequence][0]
                         reached = ttl if reached is None else min(reached, ttl)
-        return sent, replies
+        return sent, replies, send_errors
 
-    def _result(self, address: str, protocol: str, trace: dict[str, Any]) -> ProbeResult:
+    def _result(
+        self,
+        address: str,
+        protocol: str,
+        trace: dict[str, Any],
+        send_errors: list[BaseException],
+    ) -> ProbeResult:
         hops: list[dict[str, Any]] = trace["hops"]
         details = {"address": address, "protocol": protocol, "rounds": self.rounds, **trace}
+        if send_errors:  # nothing answered, and the kernel refused to send
+            error, message = classify(send_errors[0])
+            return failure(self.type, self.host, error, f"cannot send: {message}", details=details)
         last = hops[-1] if hops else None
         if not trace["reached"] or last is None or not last["received"]:
             where = trace["last_hop"]

@@ -219,3 +219,19 @@ async def test_the_daemon_exports_hops_and_names_the_failing_layer(
     finally:
         daemon.kill()
         daemon.wait(10)
+
+
+def test_a_local_firewall_refusing_the_probes_is_named(chain: NetChain) -> None:
+    nft = ["nft", "add"]
+    chain.run(chain.client, [*nft, "table", "inet", "block"])
+    chain.run(
+        chain.client,
+        [*nft, "chain", "inet", "block", "out", "{ type filter hook output priority 0; }"],
+    )
+    chain.run(
+        chain.client, [*nft, "rule", "inet", "block", "out", "ip", "daddr", "10.77.0.0/16", "drop"]
+    )
+    code, result = trace(chain, "--protocol", "icmp", "--max-hops", "4")
+    assert code == 1
+    assert result["error"] == "unreachable"
+    assert result["message"].startswith("cannot send: ")
