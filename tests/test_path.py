@@ -18,7 +18,8 @@ import pytest
 
 import probes
 from probes import ERROR_PERMISSION
-from probes.path import Answer, PathProbe, Reply, loss_from, parse_icmp, summarize
+from probes._trace import parse_icmp
+from probes.path import Answer, PathProbe, Reply, loss_from, summarize
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="raw ICMP sockets need root")
