@@ -8,6 +8,7 @@ The verdict table itself is ``test_fault.py``; multi-hop paths are ``test_path_n
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.daemon import DaemonProcess, eventually, free_tcp_port, run_daemon
+from helpers.daemon import DaemonProcess, eventually, free_tcp_port, run_daemon, write_config
 from helpers.mosquitto import run_mosquitto
 from helpers.mqtt_sub import watch
 from helpers.relay import FaultRelay
@@ -86,7 +87,9 @@ async def relays(tcp_upstream: int) -> AsyncIterator[dict[str, FaultRelay]]:
         }
 
 
-def site_config(relays: dict[str, FaultRelay], mqtt_url: str, prefix: str) -> dict[str, Any]:
+def site_config(
+    relays: dict[str, FaultRelay], mqtt: dict[str, str] | None = None
+) -> dict[str, Any]:
     targets = []
     for name, role in LAYERS.items():
         target: dict[str, Any] = {"name": name, "type": "tcp", "host": "127.0.0.1"}
@@ -98,15 +101,17 @@ def site_config(relays: dict[str, FaultRelay], mqtt_url: str, prefix: str) -> di
         {"name": "popdb-path", "type": "path", "host": "127.0.0.1", "interval": "1s"}
         | {"rounds": 2, "spacing": "50ms", "protocol": "udp"}
     )
-    return {
+    config: dict[str, Any] = {
         "site": {"id": SITE, "name": "UBND phường Bến Nghé", "timezone": "UTC"}
         | {"district": "Quận 1", "isp": "VNPT", "uplink": "fiber"},
         "defaults": {"interval": "200ms", "timeout": "300ms"},
         "link": {"fail_after": 2, "recover_after": 2},
         "metrics": {"listen": f"127.0.0.1:{free_tcp_port()}"},
         "targets": targets,
-        "mqtt": {"url": mqtt_url, "prefix": prefix},
     }
+    if mqtt is not None:
+        config["mqtt"] = mqtt
+    return config
 
 
 async def fault_is(daemon: DaemonProcess, domain: str) -> bool:
@@ -151,7 +156,7 @@ async def test_site_fault_follows_the_innermost_failing_layer(
     topic = f"{prefix}/{SITE}/status"
     async with (
         run_mosquitto(tmp_path) as broker,
-        run_daemon(tmp_path, site_config(relays, broker.url, prefix)) as daemon,
+        run_daemon(tmp_path, site_config(relays, {"url": broker.url, "prefix": prefix})) as daemon,
     ):
         # Labels and roles, exported once.
         await eventually(lambda: fault_is(daemon, "none"), 20, "fault none at start")
@@ -193,3 +198,23 @@ async def test_site_fault_follows_the_innermost_failing_layer(
         assert await daemon.value("netwatch_path_reached", site=SITE, target="popdb-path") == 1.0
         path = next(t for t in (await daemon.status())["targets"] if t["name"] == "popdb-path")
         assert path["path"]["hops"][0]["address"] == "127.0.0.1"
+
+
+@pytest.mark.slow
+async def test_a_reload_that_assigns_roles_moves_the_fault(
+    tmp_path: Path, relays: dict[str, FaultRelay]
+) -> None:
+    config = site_config(relays)
+    roles = {t["name"]: t.pop("role", None) for t in config["targets"]}
+    relays["isp-edge"].set_mode("refuse")
+    async with run_daemon(tmp_path, config) as daemon:
+        # Without roles every target is a service: the ISP edge down is a service fault.
+        await eventually(lambda: fault_is(daemon, "service"), 20, "fault service")
+        for target in config["targets"]:
+            if roles[target["name"]] is not None:
+                target["role"] = roles[target["name"]]
+        write_config(tmp_path / "netwatch.yaml", config)
+        daemon.signal(signal.SIGHUP)
+        await eventually(lambda: fault_is(daemon, "isp"), 20, "fault isp after the reload")
+        role = await daemon.value("netwatch_target_info", target="isp-edge", role="isp")
+        assert role == 1.0
