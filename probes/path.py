@@ -17,13 +17,14 @@ until the overall deadline. Two transports (``probes._trace``), picked by ``prot
 ``auto``
     ``icmp`` when running as root, else ``udp``.
 
-The result's ``details`` carry the hops (``hop``, ``address``, ``addresses``, ``sent``,
-``received``, ``loss``, ``rtt_avg`` / ``rtt_min`` / ``rtt_max`` in seconds, ``unreachable``),
-``reached``, ``last_hop`` (the last hop that answered) and ``loss_from`` (the hop where loss
-starts: the first hop from which every hop up to the end of the trace lost probes, None when
-the end of the trace lost none; loss at a middle hop that later hops do not share is a
-router that rate-limits its answers, not a loss of the path). The result succeeds when the
-destination answered; its latency and loss are the destination's.
+The result's ``details`` carry ``probes_sent`` (packets of the whole trace), the hops
+(``hop``, ``address``, ``addresses``, ``sent``, ``received``, ``loss``, ``rtt_avg`` /
+``rtt_min`` / ``rtt_max`` in seconds, ``unreachable``), ``reached``, ``last_hop`` (the last
+hop that answered) and ``loss_from`` (the hop where loss starts: the first hop from which
+every hop up to the end of the trace lost probes, None when the end of the trace lost none;
+loss at a middle hop that later hops do not share is a router that rate-limits its answers,
+not a loss of the path). The result succeeds when the destination answered; its latency and
+loss are the destination's.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def summarize(
     rows = [_row(t, hops.get(t, _Hop())) for t in range(1, end + 1)]
     return {
         "reached": reached_at is not None,
+        "probes_sent": len(sent),
         "hops": rows,
         "last_hop": last_hop,
         "loss_from": loss_from(rows),
@@ -267,14 +269,13 @@ class PathProbe:
         reached: int | None = None
         while True:
             now = time.perf_counter()
-            while position < len(queue) and now >= next_send and now < deadline:
+            while position < len(queue) and now < deadline:
                 round_no, ttl = queue[position]
-                round_start = start + round_no * self.spacing
                 if reached is not None and ttl > reached:
-                    position += 1
+                    position += 1  # past the destination: nothing more to learn there
                     continue
-                if now < round_start:
-                    next_send = round_start
+                next_send = max(next_send, start + round_no * self.spacing)
+                if now < next_send:
                     break
                 sequence = round_no * _SEQ_BASE + ttl
                 try:

@@ -65,6 +65,8 @@ def test_a_trace_sees_every_router_then_the_destination(chain: NetChain, protoco
     assert [h["loss"] for h in details["hops"]] == [0.0, 0.0, 0.0]
     assert all(h["rtt_avg"] > 0 for h in details["hops"])
     assert (details["last_hop"], details["loss_from"]) == (3, None)
+    # Nothing was sent past the destination after round 1 told where it is.
+    assert details["probes_sent"] <= 3 * 3 + 4
 
 
 @pytest.mark.parametrize(("router", "protocol"), [(1, "icmp"), (2, "icmp"), (2, "udp")])
