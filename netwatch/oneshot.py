@@ -14,7 +14,7 @@ from rich.table import Table
 import probes
 from netwatch.config import parse_duration
 from netwatch.errors import DaemonError, UsageError
-from netwatch.pathcmd import render_path
+from netwatch.pathcmd import path_line, render_path
 from probes import ProbeResult
 from probes.path import PathProbe
 
@@ -182,6 +182,9 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             last.get("error") or "",
         )
     console.print(table)
+    for t in data.get("targets", []):
+        if t.get("path"):
+            console.print(path_line(t.get("name", "?"), t["path"]))
     _render_proxy(console, data)
 
 

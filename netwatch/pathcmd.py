@@ -53,3 +53,17 @@ def render_path(result: ProbeResult, console: Console) -> None:
         f"last responding hop {details.get('last_hop') or '-'}; "
         f"loss starts at hop {loss_from if loss_from is not None else '- (none)'}"
     )
+
+
+def path_line(name: str, path: dict[str, Any]) -> str:
+    """One line per path target under ``netwatch status``: the route and where it breaks."""
+    hops = path.get("hops") or []
+    route = " > ".join(h.get("address") or "???" for h in hops)
+    if path.get("reached"):
+        loss = path.get("loss_from")
+        tail = f", loss from hop {loss}" if loss else ""
+        return f"path {name}: reached in {len(hops)} hops{tail}  {route}"
+    return (
+        f"path {name}: [bold red]not reached[/], last answer hop {path.get('last_hop') or '-'}, "
+        f"loss from hop {path.get('loss_from') or '-'}  {route}"
+    )

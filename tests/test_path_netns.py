@@ -117,6 +117,14 @@ def status(chain: NetChain) -> dict[str, Any]:
     return data
 
 
+def netwatch_status(chain: NetChain) -> str:
+    """``netwatch status`` as an operator in the office runs it (wide terminal)."""
+    argv = ["env", "COLUMNS=200", sys.executable, "-m", "netwatch", "status"]
+    done = chain.exec(chain.client, [*argv, "--url", f"http://{METRICS}"])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def sample(metrics: dict[Any, float], name: str, **labels: str) -> float | None:
     for (n, lbls), v in metrics.items():
         if n == name and all(dict(lbls).get(k) == val for k, val in labels.items()):
@@ -188,6 +196,8 @@ async def test_the_daemon_exports_hops_and_names_the_failing_layer(
         assert not any("10.77." in v for (_, lbls) in m for _, v in lbls)
         path = next(t for t in status(chain)["targets"] if t["name"] == "popdb-path")["path"]
         assert [h["address"] for h in path["hops"]] == chain.hops
+        route = " > ".join(chain.hops)
+        assert f"path popdb-path: reached in 3 hops  {route}" in netwatch_status(chain)
 
         chain.drop_at(2)  # the ISP's edge goes silent: isp, and the trace dies at hop 2
 
@@ -210,6 +220,10 @@ async def test_the_daemon_exports_hops_and_names_the_failing_layer(
         ]
         fault = status(chain)["fault"]
         assert (fault["domain"], fault["culprits"]) == ("isp", ["isp-edge"])
+        shown = netwatch_status(chain)
+        assert "fault isp since" in shown
+        expected = f"path popdb-path: not reached, last answer hop 1, loss from hop 2  {gw} > ???"
+        assert expected in shown
 
         chain.undrop_at(2)
         chain.drop_at(1)  # now the office's own gateway: lan
