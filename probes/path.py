@@ -22,9 +22,9 @@ The result's ``details`` carry ``probes_sent`` (packets of the whole trace), the
 ``rtt_min`` / ``rtt_max`` in seconds, ``unreachable``), ``reached``, ``last_hop`` (the last
 hop that answered) and ``loss_from`` (the hop where loss starts: the first hop from which
 every hop up to the end of the trace lost probes, None when the end of the trace lost none;
-loss at a middle hop that later hops do not share is a router that rate-limits its answers,
-not a loss of the path). The result succeeds when the destination answered; its latency and
-loss are the destination's.
+for a trace that died in silence, the first silent hop. Loss at a middle hop that later hops
+do not share is a router that rate-limits its answers, not a loss of the path). The result
+succeeds when the destination answered; its latency and loss are the destination's.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def summarize(
         "probes_sent": len(sent),
         "hops": rows,
         "last_hop": last_hop,
-        "loss_from": loss_from(rows),
+        "loss_from": loss_from(rows, reached=reached_at is not None),
     }
 
 
@@ -130,12 +130,15 @@ def _row(ttl: int, hop: _Hop) -> dict[str, Any]:
     }
 
 
-def loss_from(rows: Sequence[Mapping[str, Any]]) -> int | None:
-    """The hop where loss starts: every hop from it to the end lost probes (None: no loss
-    at the end of the trace)."""
+def loss_from(rows: Sequence[Mapping[str, Any]], *, reached: bool = True) -> int | None:
+    """The hop where loss starts: the first of the hops that lost probes all the way to the
+    end of the trace (None: the end lost none). When the trace died in silence, the first of
+    the silent hops: routers before them that answer only some probes are rate-limiting
+    their ICMP errors (common, and harmless), the path breaks where the silence begins."""
+    floor = 1.0 if not reached and rows and rows[-1]["loss"] >= 1.0 else 0.0
     start = None
     for row in reversed(rows):
-        if row["loss"] <= 0.0:
+        if row["loss"] <= 0.0 or row["loss"] < floor:
             break
         start = row["hop"]
     return start

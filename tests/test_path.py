@@ -115,6 +115,18 @@ def test_duplicate_and_unknown_answers_are_ignored() -> None:
     assert trace["hops"][0]["addresses"] == ["10.0.0.9"]
 
 
+def test_a_path_that_dies_breaks_at_its_first_silent_hop_whatever_rate_limits_before() -> None:
+    sent = sent_rounds(4, range(1, 31))
+    replies = [answer(r * 100 + 1, "10.0.0.1") for r in (0, 2)]  # rate-limited: 2 of 4
+    replies += [answer(r * 100 + 2, "10.0.1.1") for r in (1, 3)]
+    trace = summarize(sent, replies, max_hops=30)
+    assert [h["loss"] for h in trace["hops"]] == [0.5, 0.5, 1.0]
+    assert trace["loss_from"] == 3
+    assert trace["last_hop"] == 2
+    # Reached, the same partial losses are loss of the path from hop 1 on.
+    assert loss_from(trace["hops"][:2], reached=True) == 1
+
+
 def test_no_loss_at_the_end_means_no_loss_start() -> None:
     assert loss_from([{"hop": 1, "loss": 1.0}, {"hop": 2, "loss": 0.0}]) is None
     assert loss_from([{"hop": 1, "loss": 0.0}, {"hop": 2, "loss": 0.3}]) == 2
