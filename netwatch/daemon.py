@@ -21,14 +21,14 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from netwatch import __version__
-from netwatch.api import build_app, serve
 from netwatch.clock import Clock, SystemClock
-from netwatch.config import Config, load_config
+from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
 from netwatch.events import EventHub, LinkChanged
-from netwatch.metrics import MonitorMetrics, TimeCollector
-from netwatch.monitor import Monitor
-from netwatch.schedule import PeakSchedule
+from netwatch.monitor.api import build_app, serve
+from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
+from netwatch.monitor.runner import Monitor
+from netwatch.monitor.schedule import PeakSchedule
 from netwatch.wiring import Extras
 from probes.http import close_shared_sessions
 

@@ -23,7 +23,7 @@ from helpers.probe_servers import (
 )
 
 import probes
-from netwatch.config import DnsTarget, HttpTarget, IcmpTarget, TcpTarget, TlsTarget
+from netwatch.config.schema import DnsTarget, HttpTarget, IcmpTarget, TcpTarget, TlsTarget
 from probes import ProbeResult
 from probes._util import classify
 from probes.dns import DnsProbe

@@ -550,7 +550,7 @@ def default_outage_plan(
     return merged
 
 
-# --- manual use: python -m netwatch.simulator --port 8099 -----------------------------------
+# --- manual use: python -m netwatch.demo.simulator --port 8099 ----------------------------
 
 
 async def _serve_forever(settings: SimulatorSettings, host: str, port: int) -> None:
