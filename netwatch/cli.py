@@ -72,7 +72,7 @@ def run(config_path: Path) -> None:
 @config_option
 def proxy(config_path: Path) -> None:
     """Run only the station proxy (with its own guard probe of the upstream)."""
-    from netwatch.config import load_config
+    from netwatch.config.schema import load_config
     from netwatch.daemon import run_daemon
 
     if load_config(config_path).proxy is None:
@@ -84,7 +84,7 @@ def proxy(config_path: Path) -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def check_config(path: Path) -> None:
     """Validate a config file: exit 0, or 2 with one line per problem."""
-    from netwatch.config import load_config
+    from netwatch.config.schema import load_config
 
     config = load_config(path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
@@ -171,7 +171,7 @@ def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
     if url is None:
         listen = "127.0.0.1:9108"
         if config_path is not None:
-            from netwatch.config import load_config
+            from netwatch.config.schema import load_config
 
             listen = load_config(config_path).metrics.listen
         host, _, port = listen.rpartition(":")
@@ -205,7 +205,7 @@ def demo(
     metrics_port: int,
 ) -> None:
     """Everything on loopback: simulated population database, daemon, proxy and stations."""
-    from netwatch.demo import DemoOptions, run_demo
+    from netwatch.demo.run import DemoOptions, run_demo
 
     root = ctx.find_root()
     if root.params.get("log_level") == "info" and not root.params.get("debug"):
@@ -240,7 +240,7 @@ def keygen(path: Path) -> None:
 
 
 def _attach_queue() -> None:
-    from netwatch.queue_cmd import queue
+    from netwatch.proxy.queue_cmd import queue
 
     cli.add_command(queue)
 

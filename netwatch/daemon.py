@@ -20,16 +20,17 @@ from typing import Any, Literal
 import structlog
 from prometheus_client import CollectorRegistry
 
-from netwatch import __version__, fault
-from netwatch.api import build_app, serve
-from netwatch.city import CityCollector, SiteFault
+from netwatch import __version__
 from netwatch.clock import Clock, SystemClock
-from netwatch.config import Config, load_config
+from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
 from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
-from netwatch.metrics import MonitorMetrics, TimeCollector
-from netwatch.monitor import Monitor
-from netwatch.schedule import PeakSchedule
+from netwatch.monitor import fault
+from netwatch.monitor.api import build_app, serve
+from netwatch.monitor.city import CityCollector, SiteFault
+from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
+from netwatch.monitor.runner import Monitor
+from netwatch.monitor.schedule import PeakSchedule
 from netwatch.wiring import Extras
 from probes.http import close_shared_sessions
 

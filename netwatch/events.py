@@ -51,7 +51,7 @@ class QueueStats:
 
 @dataclass(frozen=True, slots=True)
 class SiteFaultChanged:
-    """Where along the site's path the fault is changed (``netwatch.fault``)."""
+    """Where along the site's path the fault is changed (``netwatch.monitor.fault``)."""
 
     site: str
     fault: str

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import probes
-from netwatch.config import parse_duration
+from netwatch.config.schema import parse_duration
 from netwatch.errors import DaemonError, UsageError
 from netwatch.pathcmd import path_line, render_path
 from probes import ProbeResult

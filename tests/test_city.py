@@ -22,7 +22,7 @@ from helpers.mosquitto import run_mosquitto
 from helpers.mqtt_sub import watch
 from helpers.relay import FaultRelay
 
-from netwatch.config import parse_config
+from netwatch.config.schema import parse_config
 from netwatch.errors import ConfigError
 
 SITE = "q1-ben-nghe"

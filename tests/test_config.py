@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from netwatch.config import (
+from netwatch.config.schema import (
     Config,
     DnsTarget,
     HttpTarget,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netwatch import fault
-from netwatch.config import Role as ConfigRole
-from netwatch.fault import Domain, judge, step
+from netwatch.config.schema import Role as ConfigRole
+from netwatch.monitor import fault
+from netwatch.monitor.fault import Domain, judge, step
 
 ROLES = [r.value for r in fault.Role]
 STATES = ["up", "degraded", "down", "unknown"]

@@ -20,11 +20,11 @@ import trustme
 from helpers.mosquitto import Broker, BrokerTls, run_mosquitto
 from prometheus_client import CollectorRegistry
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Mqtt
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.config.schema import Mqtt
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge, client_options
-from netwatch.mqtt_follower import MqttModeFollower
+from netwatch.mqtt.bridge import MqttBridge, client_options
+from netwatch.mqtt.follower import MqttModeFollower
 
 PREFIX = "nw/v1"
 SITE = "q1-ben-nghe"

@@ -23,8 +23,8 @@ from helpers.probe_servers import (
 )
 
 import probes
-from netwatch import config as cfg
-from netwatch.monitor import build_probe
+from netwatch.config import schema as cfg
+from netwatch.monitor.runner import build_probe
 from probes import ProbeResult
 from probes._util import classify
 from probes.dns import DnsProbe

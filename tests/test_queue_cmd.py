@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from netwatch.proxy.crypto import generate_key_file, load_key
 from netwatch.proxy.queue import DurableQueue, NewEntry
-from netwatch.queue_cmd import queue
+from netwatch.proxy.queue_cmd import queue
 
 T0 = 1_800_000_000.0
 BODY = b'{"citizen": "NGUYEN VAN A", "id": "001099012345"}'

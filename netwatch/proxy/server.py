@@ -28,9 +28,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from netwatch.api import metrics_handler
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
 from netwatch.errors import QueueError, QueueFullError
+from netwatch.monitor.api import metrics_handler
 from netwatch.proxy.forward import (
     UPSTREAM_DOWN_STATUSES,
     BodyTooLarge,

@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, SystemClock
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
 from netwatch.proxy.forward import Forwarder

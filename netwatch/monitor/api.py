@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from netwatch.exposition import FastCollector, render
+from netwatch.monitor.exposition import FastCollector, render
 
 StatusProvider = Callable[[], dict[str, Any]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]

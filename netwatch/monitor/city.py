@@ -1,6 +1,6 @@
 """The site's part of the city view: its fault verdict, its labels, its path traces.
 
-``SiteFault`` re-judges the site (``netwatch.fault``) after every link change and tells
+``SiteFault`` re-judges the site (``netwatch.monitor.fault``) after every link change and tells
 listeners when the fault domain moves; ``CityCollector`` exports, at scrape time::
 
     netwatch_site_info{site,name,district,isp,uplink} 1
@@ -29,11 +29,11 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from netwatch import fault
-from netwatch.config import Config
-from netwatch.monitor import TargetRuntime
+from netwatch.config.schema import Config
+from netwatch.monitor import fault
+from netwatch.monitor.runner import TargetRuntime
 
-log = structlog.get_logger("netwatch.city")
+log = structlog.get_logger("netwatch.monitor.city")
 
 FaultListener = Callable[[fault.FaultStatus], None]
 

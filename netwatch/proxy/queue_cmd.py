@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from netwatch.config import load_config
+from netwatch.config.schema import load_config
 from netwatch.errors import NetwatchError, UsageError
 from netwatch.proxy.crypto import generate_key_file, load_key
 from netwatch.proxy.queue import DurableQueue, Entry, EntryState

@@ -20,12 +20,12 @@ from typing import Any
 import structlog
 
 import probes
-from netwatch import link
 from netwatch.clock import Clock
-from netwatch.config import AnyTarget, Config
+from netwatch.config.schema import AnyTarget, Config
 from netwatch.events import LinkChanged
-from netwatch.metrics import MonitorMetrics, OutageTotals, TargetSeries
-from netwatch.schedule import PeakSchedule
+from netwatch.monitor import link
+from netwatch.monitor.metrics import MonitorMetrics, OutageTotals, TargetSeries
+from netwatch.monitor.schedule import PeakSchedule
 from probes import ProbeResult
 from probes.path import path_view, trace_budget
 

@@ -23,11 +23,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from netwatch.config import Config
+from netwatch.config.schema import Config
 from netwatch.daemon import Daemon
-from netwatch.demo_stations import StationFleet
+from netwatch.demo.simulator import (
+    DayClock,
+    PopulationSimulator,
+    SimulatorSettings,
+    default_outage_plan,
+)
+from netwatch.demo.stations import StationFleet
 from netwatch.events import LinkChanged
-from netwatch.simulator import DayClock, PopulationSimulator, SimulatorSettings, default_outage_plan
 
 TIMEZONE = "Asia/Ho_Chi_Minh"
 START_HOUR = 6.0

@@ -16,7 +16,7 @@ per target) and alerts wait in a bounded deque (oldest dropped first, and counte
 alerts: a broker that restarted without persistence is whole again. The session is persistent
 (MQTT 3.1.1, ``clean_session=False``, stable client id) so operator commands sent while the
 daemon was away are still delivered. The station side,
-which follows ``{p}/mode``, is ``netwatch.mqtt_follower``.
+which follows ``{p}/mode``, is ``netwatch.mqtt.follower``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import aiomqtt
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Mqtt
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.config.schema import Mqtt
 from netwatch.errors import ConfigError
 from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 

@@ -4,11 +4,11 @@
 becomes one line of a ``ConfigError``: ``FILE:LINE: KEY.PATH: message``, all problems at
 once, so an operator fixes a file in one pass. The pieces:
 
-- ``netwatch.yamlpos``: YAML -> plain data + the line of each key path, ``${ENV}``
+- ``netwatch.config.yamlpos``: YAML -> plain data + the line of each key path, ``${ENV}``
   expansion, duplicate keys;
-- ``netwatch.units``: durations, sizes, rates, times of day, day names;
+- ``netwatch.config.units``: durations, sizes, rates, times of day, day names;
 - this module: the schema, cross-field checks, and turning it all into problem lines;
-- ``netwatch.configerrors``: pydantic errors -> readable, located messages.
+- ``netwatch.config.errors``: pydantic errors -> readable, located messages.
 
 Every model is frozen (assignment raises) and mappings inside are read-only views.
 """
@@ -35,9 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from netwatch.configerrors import translate
-from netwatch.errors import ConfigError
-from netwatch.units import (
+from netwatch.config.errors import translate
+from netwatch.config.units import (
     Days,
     Duration,
     HttpUrl,
@@ -54,7 +53,8 @@ from netwatch.units import (
     parse_size,
     parse_time_of_day,
 )
-from netwatch.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
+from netwatch.config.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
+from netwatch.errors import ConfigError
 
 __all__ = [
     "AnyTarget",
@@ -160,7 +160,7 @@ class _TargetBase(Frozen):
     name: Name
     interval: Duration | None = None
     timeout: Duration | None = None
-    # Where along the site's path the target sits (netwatch.fault reads it).
+    # Where along the site's path the target sits (netwatch.monitor.fault reads it).
     role: Role = "service"
 
 
