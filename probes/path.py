@@ -42,7 +42,7 @@ import icmplib
 
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._trace import Answer, IcmpTransport, Reply, Transport, UdpTransport
-from probes._util import classify, failure, resolve
+from probes._util import classify, failure, literal_address, resolve
 
 Protocol_ = Literal["auto", "icmp", "udp"]
 
@@ -223,7 +223,7 @@ class PathProbe:
         try:
             async with asyncio.timeout(timeout):
                 address = await self._resolve()
-            version = 6 if icmplib.is_ipv6_address(address) else 4
+            version = 6 if ":" in address else 4
             transport = self._open(protocol, address, version)
         except (icmplib.SocketPermissionError, PermissionError):
             return failure(self.type, self.host, ERROR_PERMISSION, PERMISSION_HINT)
@@ -247,9 +247,9 @@ class PathProbe:
         return self._result(address, protocol, trace, send_errors if not replies else [])
 
     async def _resolve(self) -> str:
-        if icmplib.is_ipv4_address(self.host) or icmplib.is_ipv6_address(self.host):
-            return self.host
-        _, sockaddr = await resolve(self.host, 0)
+        # Not icmplib.is_ipv6_address: it takes anything with a colon ("host:80") for IPv6.
+        literal = literal_address(self.host, 0)
+        _, sockaddr = literal if literal is not None else await resolve(self.host, 0)
         return str(sockaddr[0])
 
     def _open(self, protocol: str, address: str, version: int) -> Transport:

@@ -170,15 +170,18 @@ def _path_families(site: str, targets: Mapping[str, TargetRuntime]) -> Iterator[
     )
     for name, rt in targets.items():
         last = rt.last
-        if rt.spec.type != "path" or last is None or "hops" not in last.details:
+        if rt.spec.type != "path" or last is None:
             continue
+        # A trace that could not start (no address, no permission, a hung probe) has no
+        # hops: it still did not reach, and says so rather than vanishing.
         details = last.details
+        trace = details.get("hops", [])
         key = [site, name]
-        hops.add_metric(key, len(details["hops"]))
-        reached.add_metric(key, 1.0 if details["reached"] else 0.0)
-        last_hop.add_metric(key, details["last_hop"])
-        loss_from.add_metric(key, details["loss_from"] or 0)
-        for hop in details["hops"]:
+        hops.add_metric(key, len(trace))
+        reached.add_metric(key, 1.0 if last.success and details.get("reached") else 0.0)
+        last_hop.add_metric(key, details.get("last_hop", 0))
+        loss_from.add_metric(key, details.get("loss_from") or 0)
+        for hop in trace:
             index = [*key, str(hop["hop"])]
             if hop["rtt_avg"] is not None:
                 rtt.add_metric(index, hop["rtt_avg"])

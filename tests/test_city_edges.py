@@ -1,0 +1,224 @@
+"""The city view, site side, at its edges: config values an operator gets wrong, hosts a
+trace cannot use, reloads that change roles or labels, and what the metrics say about a
+trace that could not even start. Loopback only (and ``bad..name``, which the resolver
+refuses without asking anyone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from helpers.daemon import eventually
+from prometheus_client import CollectorRegistry
+
+from netwatch.clock import SystemClock
+from netwatch.config.schema import Config, parse_config
+from netwatch.errors import ConfigError
+from netwatch.monitor.city import CityCollector, SiteFault
+from netwatch.monitor.metrics import MonitorMetrics
+from netwatch.monitor.runner import Monitor
+from netwatch.monitor.schedule import PeakSchedule
+from probes.path import PathProbe
+
+# A name the resolver rejects locally (an empty label): no query leaves the machine.
+UNRESOLVABLE = "bad..name"
+
+
+def problems_of(targets: str, extra: str = "") -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"site: {{id: s}}\n{extra}targets:\n{targets}", "site.yaml")
+    return caught.value.problems
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["icmp", "path", "tcp", "tls"])
+@pytest.mark.parametrize("host", ['""', '" "'])
+def test_an_empty_host_is_a_config_error_not_a_crash_at_start(kind: str, host: str) -> None:
+    port = ", port: 443" if kind == "tcp" else ""
+    problems = problems_of(f"  - {{name: a, type: {kind}, host: {host}{port}}}\n")
+    assert problems == ["site.yaml:3: targets[0].host: a host is needed (a name or an IP address)"]
+
+
+@pytest.mark.parametrize("kind", ["icmp", "path"])
+def test_a_host_with_a_port_is_refused_where_there_is_no_port(kind: str) -> None:
+    problems = problems_of(f'  - {{name: a, type: {kind}, host: "127.0.0.1:80"}}\n')
+    assert len(problems) == 1
+    assert problems[0].startswith("site.yaml:3: targets[0].host: '127.0.0.1:80' is not a host")
+
+
+@pytest.mark.parametrize(("written", "kept"), [('"::1"', "::1"), ('"[::1]"', "::1")])
+def test_ipv6_literals_are_hosts_brackets_or_not(written: str, kept: str) -> None:
+    config = parse_config(
+        f"site: {{id: s}}\ntargets:\n  - {{name: a, type: path, host: {written}}}\n"
+    )
+    assert config.targets[0].host == kept  # type: ignore[union-attr]
+
+
+def test_a_port_on_an_icmp_trace_is_refused() -> None:
+    problems = problems_of("  - {name: a, type: path, host: h, protocol: icmp, port: 40000}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith("site.yaml:3: targets[0].port: port is used by protocol udp only")
+
+
+def test_a_port_on_an_auto_or_udp_trace_is_kept() -> None:
+    config = parse_config(
+        "site: {id: s}\ntargets:\n"
+        "  - {name: a, type: path, host: h, protocol: udp, port: 40000}\n"
+        "  - {name: b, type: path, host: h, port: 40000}\n"
+    )
+    assert [t.port for t in config.targets] == [40000, 40000]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "line"),
+    [
+        # 2s timeout + 2 x 500ms spacing + 30 hops x 10ms = 3.3s > 1s
+        ("{name: a, type: path, host: h,\n     interval: 1s}", "", 4),
+        # the timeout alone is longer than the default 60s interval
+        ("{name: a, type: path, host: h, timeout: 70s}", "", 3),
+        # the site default timeout counts too
+        ("{name: a, type: path, host: h, interval: 5s}", "defaults: {timeout: 5s}\n", 4),
+    ],
+)
+def test_a_trace_interval_shorter_than_a_trace_is_refused(
+    target: str, extra: str, line: int
+) -> None:
+    problems = problems_of(f"  - {target}\n", extra)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"site.yaml:{line}: targets[0]")
+    assert "shorter than one trace may take" in problems[0]
+
+
+def test_a_trace_that_fits_its_interval_is_accepted() -> None:
+    config = parse_config(
+        "site: {id: s}\ntargets:\n"
+        "  - {name: a, type: path, host: h, interval: 4s}\n"  # 3.3s worst case
+        "  - {name: b, type: path, host: h, interval: 1s, timeout: 300ms,\n"
+        "     spacing: 100ms, max_hops: 8}\n"
+    )
+    assert len(config.targets) == 2
+
+
+def test_config_model_validate_applies_the_same_trace_check() -> None:
+    with pytest.raises(ValueError, match="shorter than one trace may take"):
+        Config.model_validate(
+            {
+                "site": {"id": "s"},
+                "targets": [{"name": "a", "type": "path", "host": "h", "interval": "1s"}],
+            }
+        )
+
+
+# --- the probe --------------------------------------------------------------------------------
+
+
+async def test_a_bracketed_ipv6_literal_is_traced_like_the_bare_one() -> None:
+    result = await PathProbe("[::1]", protocol="udp", rounds=1).run(2.0)
+    assert result.success, result
+    assert result.details["address"] == "::1"
+
+
+async def test_host_and_port_is_a_name_that_does_not_resolve_not_an_ipv6_address() -> None:
+    result = await PathProbe("127.0.0.1:80", protocol="udp", rounds=1).run(2.0)
+    assert not result.success
+    assert result.error == "dns"
+    assert "hops" not in result.details  # nothing was traced: no made-up silent hop 1
+
+
+# --- the monitor: reloads and failed traces ---------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def config_of(targets: list[dict[str, Any]], **site: str) -> Config:
+    return Config.model_validate(
+        {
+            "site": {"id": "lab", "timezone": "UTC", **site},
+            "link": {"fail_after": 1, "recover_after": 1},
+            "targets": targets,
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def monitoring(config: Config) -> AsyncIterator[tuple[Monitor, SiteFault, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    clock = SystemClock()
+    monitor = Monitor(
+        config,
+        clock=clock,
+        schedule=PeakSchedule.from_config(config),
+        metrics=MonitorMetrics(registry, config.site.id, "test"),
+    )
+    site_fault = SiteFault(lambda: monitor.targets, clock.now)
+    monitor.add_listener(site_fault.refresh)
+    registry.register(CityCollector(lambda: monitor.config, lambda: monitor.targets, site_fault))
+    async with asyncio.TaskGroup() as tg:
+        monitor.start(tg)
+        yield monitor, site_fault, registry
+        for rt in monitor.targets.values():
+            assert rt.task is not None
+            rt.task.cancel()
+
+
+async def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    async def ready() -> bool:
+        return check()
+
+    await eventually(ready, timeout, what, interval=0.05)
+
+
+async def test_a_reload_that_only_changes_a_role_keeps_the_link_state_and_moves_the_fault() -> None:
+    edge = {"name": "edge", "type": "tcp", "host": "127.0.0.1", "port": closed_port()}
+    edge["interval"] = "200ms"
+    async with monitoring(config_of([edge])) as (monitor, site_fault, registry):
+        await wait_for(lambda: monitor.states()["edge"] == "down", "edge down")
+        assert site_fault.status.verdict.fault.value == "service"
+        before = monitor.targets["edge"]
+        since, rounds = before.status.since, before.rounds
+
+        diff = monitor.reload(config_of([edge | {"role": "isp"}]))
+        site_fault.refresh()  # what the daemon does after a reload
+
+        # No probe ran in between (no await): the state is the one the target had.
+        after = monitor.targets["edge"]
+        assert (after.status.state.value, after.status.since) == ("down", since)
+        assert after.spec.role == "isp"
+        assert after.rounds == rounds
+        assert diff["changed"] == []
+        assert diff["kept"] == ["edge"]
+        assert site_fault.status.verdict.fault.value == "isp"
+        role = registry.get_sample_value(
+            "netwatch_target_info", {"site": "lab", "target": "edge", "type": "tcp", "role": "isp"}
+        )
+        assert role == 1.0
+        # ...and the same probe loop carries on.
+        await wait_for(lambda: after.rounds > rounds, "another round")
+        assert before.task is after.task
+        assert after.task is not None
+        assert not after.task.done()
+
+
+async def test_a_trace_that_cannot_start_still_exports_not_reached() -> None:
+    trace = {"name": "trace", "type": "path", "host": UNRESOLVABLE, "protocol": "udp"}
+    trace |= {"interval": "2s", "timeout": "300ms", "rounds": 1, "max_hops": 4}
+    async with monitoring(config_of([trace])) as (monitor, _, registry):
+        await wait_for(lambda: monitor.targets["trace"].last is not None, "the first trace")
+        last = monitor.targets["trace"].last
+        assert last is not None
+        assert last.error == "dns"
+        key = {"site": "lab", "target": "trace"}
+        assert registry.get_sample_value("netwatch_path_reached", key) == 0.0
+        assert registry.get_sample_value("netwatch_path_hops", key) == 0.0
+        assert registry.get_sample_value("netwatch_path_last_hop", key) == 0.0
