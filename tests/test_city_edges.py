@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.daemon import eventually
+from helpers.daemon import eventually, free_tcp_port, run_daemon, write_config
+from helpers.mosquitto import run_mosquitto
+from helpers.mqtt_sub import watch
 from prometheus_client import CollectorRegistry
 
 from netwatch.clock import SystemClock
@@ -222,3 +226,39 @@ async def test_a_trace_that_cannot_start_still_exports_not_reached() -> None:
         assert registry.get_sample_value("netwatch_path_reached", key) == 0.0
         assert registry.get_sample_value("netwatch_path_hops", key) == 0.0
         assert registry.get_sample_value("netwatch_path_last_hop", key) == 0.0
+
+
+# --- the daemon: MQTT status after a reload ---------------------------------------------------
+
+
+async def test_a_reload_that_changes_the_site_labels_republishes_the_mqtt_status(
+    tmp_path: Path,
+) -> None:
+    prefix = f"netwatch/edges-{free_tcp_port()}"
+    config: dict[str, Any] = {
+        "site": {"id": "s1", "timezone": "UTC", "district": "Quận 1", "isp": "VNPT"},
+        "defaults": {"interval": "500ms", "timeout": "300ms"},
+        "metrics": {"listen": f"127.0.0.1:{free_tcp_port()}"},
+        "targets": [{"name": "api", "type": "tcp", "host": "127.0.0.1", "port": closed_port()}],
+    }
+    topic = f"{prefix}/s1/status"
+    async with run_mosquitto(tmp_path) as broker:
+        config["mqtt"] = {"url": broker.url, "prefix": prefix}
+        async with run_daemon(tmp_path, config) as daemon, watch(broker, topic) as sub:
+            first = await sub.wait_for(
+                lambda: (sub.latest(topic) or {}).get("online") and sub.latest(topic), 20, "online"
+            )
+            assert (first["district"], first["isp"]) == ("Quận 1", "VNPT")
+            config["site"] |= {"district": "Quận 3", "isp": "Viettel"}
+            write_config(tmp_path / "netwatch.yaml", config)
+            daemon.signal(signal.SIGHUP)
+            moved = await sub.wait_for(
+                lambda: (sub.latest(topic) or {}).get("district") == "Quận 3" and sub.latest(topic),
+                20,
+                "the status with the new district",
+            )
+            assert (moved["online"], moved["isp"]) == (True, "Viettel")
+            key = ("netwatch_site_info", (("district", "Quận 3"), ("isp", "Viettel")))
+            labels = (("name", ""), ("site", "s1"), ("uplink", ""))
+            key = (key[0], tuple(sorted(key[1] + labels)))
+            assert (await daemon.metrics()).get(key) == 1.0

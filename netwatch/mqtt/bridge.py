@@ -294,8 +294,20 @@ class MqttBridge:
     def publish_fault(self, event: SiteFaultChanged) -> None:
         self._submit(lambda: self._set_fault(event.fault, event.since))
 
+    def publish_labels(self, labels: Mapping[str, str]) -> None:
+        """New site labels (a reload): the status carries them from now on."""
+        fresh = dict(labels)
+        self._submit(lambda: self._set_labels(fresh))
+
+    def _set_labels(self, labels: dict[str, str]) -> None:
+        self._labels = labels
+        self._republish_status()
+
     def _set_fault(self, fault: str, since: datetime) -> None:
         self._fault = (fault, since)
+        self._republish_status()
+
+    def _republish_status(self) -> None:
         if self._connected_since is not None:
             status = self.topic("status")
             data = self._status(True, self._connected_since, "connected")
