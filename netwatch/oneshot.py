@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, tzinfo
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -147,9 +150,32 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     return {"site": {"id": "(station proxy)"}, "role": "proxy", "targets": [], "proxy": proxy}
 
 
+def _site_zone(data: dict[str, Any]) -> tzinfo | None:
+    try:
+        return ZoneInfo(data.get("site", {}).get("timezone") or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _when(iso: str | None, zone: tzinfo | None, *, full: bool = False) -> str:
+    """A time from the status in the site's timezone, short enough for a table column:
+    the time of day when it is today, else month-day and minutes."""
+    if not iso:
+        return "-"
+    try:
+        at = datetime.fromisoformat(iso).astimezone(zone)
+    except ValueError:
+        return iso[:19]
+    if full:
+        return at.strftime("%Y-%m-%d %H:%M:%S")
+    same_day = at.date() == datetime.now(at.tzinfo).date()
+    return at.strftime("%H:%M:%S" if same_day else "%m-%d %H:%M")
+
+
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     site = data.get("site", {})
+    zone = _site_zone(data)
     if "version" in data:
         peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
         console.print(
@@ -166,7 +192,11 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     if not data.get("targets"):
         _render_proxy(console, data)
         return
-    table = Table("target", "type", "role", "state", "since", "latency", "loss", "last error")
+    # Light borders and unwrapped columns: the whole table fits an 80-column terminal.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for header in ("target", "type", "role", "state", "since", "latency", "loss"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("error", overflow="fold")  # of the last probe
     for t in data.get("targets", []):
         last = t.get("last") or {}
         state = t.get("state", "unknown")
@@ -176,7 +206,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             t.get("type"),
             t.get("role", "service"),
             f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
-            (t.get("since") or "-")[:19],
+            _when(t.get("since"), zone),
             "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
             "-" if loss is None else f"{loss:.0%}",
             last.get("error") or "",
@@ -198,7 +228,9 @@ def _render_fault(console: Console, data: dict[str, Any]) -> None:
         return
     domain = fault.get("domain", "none")
     style = "green" if domain == "none" else "bold red"
-    line = f"fault [{style}]{domain}[/] since {(fault.get('since') or '-')[:19]}"
+    line = (
+        f"fault [{style}]{domain}[/] since {_when(fault.get('since'), _site_zone(data), full=True)}"
+    )
     if domain != "none":
         line += f" ({fault.get('reason', '')})"
     if fault.get("degraded", "none") not in ("none", domain):

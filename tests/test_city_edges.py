@@ -11,14 +11,17 @@ import contextlib
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from helpers.daemon import eventually, free_tcp_port, run_daemon, write_config
 from helpers.mosquitto import run_mosquitto
 from helpers.mqtt_sub import watch
 from prometheus_client import CollectorRegistry
+from rich.console import Console
 
 from netwatch.clock import SystemClock
 from netwatch.config.schema import Config, parse_config
@@ -27,6 +30,7 @@ from netwatch.monitor.city import CityCollector, SiteFault
 from netwatch.monitor.metrics import MonitorMetrics
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule
+from netwatch.oneshot import render_status
 from probes.path import PathProbe
 
 # A name the resolver rejects locally (an empty label): no query leaves the machine.
@@ -262,3 +266,43 @@ async def test_a_reload_that_changes_the_site_labels_republishes_the_mqtt_status
             labels = (("name", ""), ("site", "s1"), ("uplink", ""))
             key = (key[0], tuple(sorted(key[1] + labels)))
             assert (await daemon.metrics()).get(key) == 1.0
+
+
+# --- netwatch status --------------------------------------------------------------------------
+
+
+def rendered(data: dict[str, Any]) -> str:
+    console = Console(width=80, record=True, color_system=None)
+    render_status(data, console)
+    return console.export_text()
+
+
+def test_status_on_an_80_column_terminal_shows_when_each_state_began() -> None:
+    tz = ZoneInfo("Asia/Ho_Chi_Minh")
+    now = datetime.now(tz)
+    today = now.replace(microsecond=0) - timedelta(minutes=1)
+    if today.date() != now.date():  # a minute after midnight: keep it on today's date
+        today = now.replace(microsecond=0)
+    earlier = today - timedelta(days=3)
+    data = {
+        "site": {"id": "s1", "timezone": "Asia/Ho_Chi_Minh"},
+        "version": "0.1.0",
+        "targets": [
+            {"name": "a-long-target-name", "type": "http", "role": "service", "state": "up"}
+            | {"since": today.astimezone(UTC).isoformat()},
+            {"name": "gw", "type": "icmp", "role": "gateway", "state": "down"}
+            | {"since": earlier.astimezone(UTC).isoformat()},
+        ],
+    }
+    text = rendered(data)
+    assert today.strftime("%H:%M:%S") in text  # in the site's time, not UTC
+    assert earlier.strftime("%m-%d %H:%M") in text
+    assert "…" not in text
+
+
+def test_status_says_one_hop_not_one_hops() -> None:
+    path = {"reached": True, "last_hop": 1, "loss_from": None}
+    path["hops"] = [{"hop": 1, "address": "127.0.0.1", "loss": 0.0, "rtt_ms": 0.1}]
+    data = {"site": {"id": "s1"}, "version": "0.1.0"}
+    data["targets"] = [{"name": "p", "type": "path", "state": "up", "path": path}]
+    assert "path p: reached in 1 hop  127.0.0.1" in rendered(data)
