@@ -133,6 +133,8 @@ def _get_json(endpoint: str, timeout: float) -> dict[str, Any]:
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     """The status of a site daemon, or of a stand-alone ``netwatch proxy`` (which has only
     its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets)."""
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {url!r}: expected the daemon's http://HOST:PORT")
     base = url.rstrip("/")
     endpoint = base + "/api/v1/status"
     try:

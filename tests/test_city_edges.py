@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -306,3 +308,17 @@ def test_status_says_one_hop_not_one_hops() -> None:
     data = {"site": {"id": "s1"}, "version": "0.1.0"}
     data["targets"] = [{"name": "p", "type": "path", "state": "up", "path": path}]
     assert "path p: reached in 1 hop  127.0.0.1" in rendered(data)
+
+
+def test_status_with_a_url_that_is_not_http_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "netwatch", "status", "--url", "127.0.0.1:9108"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "netwatch: error: --url '127.0.0.1:9108': expected the daemon's http://HOST:PORT"
+    )
