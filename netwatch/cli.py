@@ -88,7 +88,8 @@ def check_config(path: Path) -> None:
 
     config = load_config(path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
-    click.echo(f"{path}: ok ({len(config.targets)} targets{extra})")
+    count = len(config.targets)
+    click.echo(f"{path}: ok ({count} target{'' if count == 1 else 's'}{extra})")
 
 
 @cli.command()

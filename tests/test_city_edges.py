@@ -322,3 +322,24 @@ def test_status_with_a_url_that_is_not_http_is_a_usage_error() -> None:
     assert done.stderr.strip() == (
         "netwatch: error: --url '127.0.0.1:9108': expected the daemon's http://HOST:PORT"
     )
+
+
+def test_an_unquoted_ipv6_host_in_a_flow_mapping_gets_a_hint() -> None:
+    problems = problems_of("  - {name: a, type: path, host: ::1}\n")
+    assert problems == [
+        "site.yaml:3: invalid YAML: expected the node content, but found ':' "
+        '(quote values that start with a colon, such as host: "::1")'
+    ]
+
+
+def test_check_config_counts_one_target_in_the_singular(tmp_path: Path) -> None:
+    config = tmp_path / "one.yaml"
+    config.write_text("site: {id: s}\ntargets:\n  - {name: p, type: path, host: '::1'}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "netwatch", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, f"{config}: ok (1 target)")
