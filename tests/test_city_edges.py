@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +22,7 @@ from helpers.mosquitto import run_mosquitto
 from helpers.mqtt_sub import watch
 from prometheus_client import CollectorRegistry
 from rich.console import Console
+from test_cli import netwatch
 
 from netwatch.clock import SystemClock
 from netwatch.config.schema import Config, parse_config
@@ -311,13 +310,7 @@ def test_status_says_one_hop_not_one_hops() -> None:
 
 
 def test_status_with_a_url_that_is_not_http_is_a_usage_error() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "netwatch", "status", "--url", "127.0.0.1:9108"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = netwatch("status", "--url", "127.0.0.1:9108")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "netwatch: error: --url '127.0.0.1:9108': expected the daemon's http://HOST:PORT"
@@ -335,11 +328,5 @@ def test_an_unquoted_ipv6_host_in_a_flow_mapping_gets_a_hint() -> None:
 def test_check_config_counts_one_target_in_the_singular(tmp_path: Path) -> None:
     config = tmp_path / "one.yaml"
     config.write_text("site: {id: s}\ntargets:\n  - {name: p, type: path, host: '::1'}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "netwatch", "check-config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = netwatch("check-config", str(config))
     assert (done.returncode, done.stdout.strip()) == (0, f"{config}: ok (1 target)")
