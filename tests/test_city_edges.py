@@ -330,3 +330,34 @@ def test_check_config_counts_one_target_in_the_singular(tmp_path: Path) -> None:
     config.write_text("site: {id: s}\ntargets:\n  - {name: p, type: path, host: '::1'}\n")
     done = netwatch("check-config", str(config))
     assert (done.returncode, done.stdout.strip()) == (0, f"{config}: ok (1 target)")
+
+
+async def test_a_target_removed_by_a_reload_leaves_no_retained_link_state(tmp_path: Path) -> None:
+    prefix = f"netwatch/edges-{free_tcp_port()}"
+    down = {"type": "tcp", "host": "127.0.0.1", "port": closed_port()}
+    config: dict[str, Any] = {
+        "site": {"id": "s1", "timezone": "UTC"},
+        "defaults": {"interval": "300ms", "timeout": "300ms"},
+        "link": {"fail_after": 1},
+        "metrics": {"listen": f"127.0.0.1:{free_tcp_port()}"},
+        "targets": [{"name": "gone", **down}, {"name": "kept", **down}],
+    }
+    links = f"{prefix}/s1/link"
+    async with run_mosquitto(tmp_path) as broker:
+        config["mqtt"] = {"url": broker.url, "prefix": prefix}
+        async with run_daemon(tmp_path, config) as daemon, watch(broker, f"{links}/#") as sub:
+            for name in ("gone", "kept"):
+                await sub.wait_for(
+                    lambda n=name: (sub.latest(f"{links}/{n}") or {}).get("state") == "down",
+                    20,
+                    f"{name} down",
+                )
+            config["targets"] = config["targets"][1:]
+            write_config(tmp_path / "netwatch.yaml", config)
+            daemon.signal(signal.SIGHUP)
+            # An empty retained message is how MQTT deletes a retained state.
+            await sub.wait_for(lambda: sub.latest(f"{links}/gone") == b"", 20, "gone cleared")
+        async with watch(broker, f"{links}/#") as fresh:
+            await fresh.wait_for(lambda: fresh.latest(f"{links}/kept"), 20, "kept, retained")
+            await asyncio.sleep(0.5)  # retained messages arrive together right after subscribing
+            assert fresh.on(f"{links}/gone") == []

@@ -294,6 +294,17 @@ class MqttBridge:
     def publish_fault(self, event: SiteFaultChanged) -> None:
         self._submit(lambda: self._set_fault(event.fault, event.since))
 
+    def forget_link(self, target: str) -> None:
+        """A target gone from the config: delete its retained state (an empty payload), so
+        that no subscriber keeps seeing it, down, forever."""
+        self._submit(lambda: self._clear_retained(self.topic("link", target)))
+
+    def _clear_retained(self, topic: str) -> None:
+        # Even when this process never published it: the state may be a previous run's.
+        self._retained[topic] = b""
+        self._dirty[topic] = None
+        self._wakeup.set()
+
     def publish_labels(self, labels: Mapping[str, str]) -> None:
         """New site labels (a reload): the status carries them from now on."""
         fresh = dict(labels)
