@@ -361,3 +361,27 @@ async def test_a_target_removed_by_a_reload_leaves_no_retained_link_state(tmp_pa
             await fresh.wait_for(lambda: fresh.latest(f"{links}/kept"), 20, "kept, retained")
             await asyncio.sleep(0.5)  # retained messages arrive together right after subscribing
             assert fresh.on(f"{links}/gone") == []
+
+
+async def test_the_first_scrape_already_has_exactly_one_fault_domain_at_one(
+    tmp_path: Path,
+) -> None:
+    # Failing targets need fail_after (3) rounds 60s apart to leave unknown: none has yet.
+    slow = {"type": "tcp", "host": "127.0.0.1", "port": closed_port(), "interval": "60s"}
+    config: dict[str, Any] = {
+        "site": {"id": "s1", "timezone": "UTC"},
+        "metrics": {"listen": f"127.0.0.1:{free_tcp_port()}"},
+        "targets": [{"name": "gw", "role": "gateway", **slow}, {"name": "api", **slow}],
+    }
+    async with run_daemon(tmp_path, config) as daemon:
+        metrics = await daemon.metrics()
+        states = {
+            dict(k[1])["target"]: v
+            for k, v in metrics.items()
+            if k[0] == "netwatch_link_state" and dict(k[1])["state"] == "unknown"
+        }
+        assert states == {"gw": 1.0, "api": 1.0}  # the scrape came before any verdict
+        fault = {
+            dict(k[1])["domain"]: v for k, v in metrics.items() if k[0] == "netwatch_site_fault"
+        }
+        assert fault == {"none": 1.0, "lan": 0.0, "isp": 0.0, "core": 0.0, "service": 0.0}
