@@ -251,6 +251,10 @@ def _render_proxy(console: Console, data: dict[str, Any]) -> None:
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )
+    elif data.get("mode"):  # a site without a proxy still has the mode its stations follow
+        mode = data["mode"].get("mode", "?")
+        reason = data["mode"].get("reason", "")
+        console.print(f"mode [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({reason})")
     mqtt = data.get("mqtt")
     if mqtt:
         console.print(f"mqtt {'connected' if mqtt.get('connected') else 'disconnected'}")

@@ -385,3 +385,10 @@ async def test_the_first_scrape_already_has_exactly_one_fault_domain_at_one(
             dict(k[1])["domain"]: v for k, v in metrics.items() if k[0] == "netwatch_site_fault"
         }
         assert fault == {"none": 1.0, "lan": 0.0, "isp": 0.0, "core": 0.0, "service": 0.0}
+
+
+def test_status_of_a_site_without_a_proxy_shows_its_mode() -> None:
+    data: dict[str, Any] = {"site": {"id": "s1"}, "version": "0.1.0"}
+    data["mode"] = {"mode": "offline", "reason": "guard down"}
+    data["targets"] = [{"name": "api", "type": "tcp", "state": "down"}]
+    assert "mode offline (guard down)" in rendered(data)
