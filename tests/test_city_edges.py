@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -392,3 +393,22 @@ def test_status_of_a_site_without_a_proxy_shows_its_mode() -> None:
     data["mode"] = {"mode": "offline", "reason": "guard down"}
     data["targets"] = [{"name": "api", "type": "tcp", "state": "down"}]
     assert "mode offline (guard down)" in rendered(data)
+
+
+def _ping_sockets_allowed() -> bool:
+    low, high = Path("/proc/sys/net/ipv4/ping_group_range").read_text().split()
+    return int(low) <= os.getgid() <= int(high)
+
+
+@pytest.mark.skipif(_ping_sockets_allowed(), reason="unprivileged ICMP is allowed here")
+async def test_a_probe_the_host_may_not_send_does_not_name_a_fault_domain() -> None:
+    # privileged: no needs ping sockets, which net.ipv4.ping_group_range refuses here.
+    gw = {"name": "gw", "type": "icmp", "host": "127.0.0.1", "count": 1, "privileged": "no"}
+    api = {"name": "api", "type": "tcp", "host": "127.0.0.1", "port": closed_port()}
+    targets = [gw | {"role": "gateway", "interval": "200ms"}, api | {"interval": "200ms"}]
+    async with monitoring(config_of(targets)) as (monitor, site_fault, _):
+        await wait_for(lambda: set(monitor.states().values()) == {"down"}, "both down")
+        assert monitor.targets["gw"].last is not None
+        assert monitor.targets["gw"].last.error == "permission"
+        # The gateway probe cannot run: the verdict rests on what can be seen, the service.
+        assert site_fault.status.verdict.fault.value == "service"

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from netwatch.config.schema import Config
 from netwatch.monitor import fault
 from netwatch.monitor.runner import TargetRuntime
+from probes import ERROR_PERMISSION
 
 log = structlog.get_logger("netwatch.monitor.city")
 
@@ -39,7 +40,17 @@ FaultListener = Callable[[fault.FaultStatus], None]
 
 
 def _links(targets: Mapping[str, TargetRuntime]) -> list[tuple[str, str, str]]:
-    return [(name, rt.spec.role, rt.status.state.value) for name, rt in targets.items()]
+    return [(name, rt.spec.role, _path_state(rt)) for name, rt in targets.items()]
+
+
+def _path_state(rt: TargetRuntime) -> str:
+    """The target's link state as evidence about the path. A probe this host is not allowed
+    to send (no raw socket) says nothing about the network: ``unknown`` to the verdict, so
+    a daemon without CAP_NET_RAW does not send the NOC to a LAN that is fine. The link
+    state itself (and its alert, which names the error) is unchanged."""
+    if rt.last is not None and rt.last.error == ERROR_PERMISSION:
+        return "unknown"
+    return rt.status.state.value
 
 
 class SiteFault:
