@@ -412,3 +412,22 @@ async def test_a_probe_the_host_may_not_send_does_not_name_a_fault_domain() -> N
         assert monitor.targets["gw"].last.error == "permission"
         # The gateway probe cannot run: the verdict rests on what can be seen, the service.
         assert site_fault.status.verdict.fault.value == "service"
+
+
+async def test_the_series_of_a_path_target_removed_by_a_reload_disappear() -> None:
+    trace = {"name": "trace", "type": "path", "host": "127.0.0.1", "protocol": "udp"}
+    trace |= {"interval": "1s", "timeout": "300ms", "rounds": 1, "max_hops": 4}
+    api = {"name": "api", "type": "tcp", "host": "127.0.0.1", "port": closed_port()}
+    key = {"site": "lab", "target": "trace"}
+    async with monitoring(config_of([trace, api])) as (monitor, _, registry):
+        await wait_for(
+            lambda: registry.get_sample_value("netwatch_path_reached", key) == 1.0, "a trace"
+        )
+        assert registry.get_sample_value("netwatch_path_hop_rtt_seconds", key | {"hop": "1"})
+        info = key | {"type": "path", "role": "service"}
+        assert registry.get_sample_value("netwatch_target_info", info) == 1.0
+        monitor.reload(config_of([api]))
+        for name in ("netwatch_path_reached", "netwatch_path_hops"):
+            assert registry.get_sample_value(name, key) is None, name
+        assert registry.get_sample_value("netwatch_target_info", info) is None
+        assert registry.get_sample_value("netwatch_path_hop_loss_ratio", key | {"hop": "1"}) is None
