@@ -321,6 +321,13 @@ class PathProbe:
             if last is not None and last["unreachable"]:
                 error = ERROR_UNREACHABLE
                 message = f"hop {last['hop']} ({last['address']}) reports the host unreachable"
+            elif last is not None and last["received"] and where == self.max_hops:
+                # Not the network: the path goes on past the trace's end.
+                error = ERROR_TIMEOUT
+                message = (
+                    f"not reached within max_hops {self.max_hops}: hop {where} answered, "
+                    "the host is farther (raise max_hops)"
+                )
             else:
                 error = ERROR_TIMEOUT
                 message = (
