@@ -5,7 +5,9 @@ fraction of transient 503s, scheduled or operator-driven outages (answered 503, 
 connection reset before any answer), and validation failures (422) for dead-letter tests.
 Writes are applied once per ``Idempotency-Key``; a repeated key gets the original answer
 with ``Idempotent-Replayed: true``. ``GET /_sim/applied`` lists every applied write in
-apply order so tests can prove "each request applied exactly once, in order".
+apply order so tests can prove "each request applied exactly once, in order";
+``receipts`` lists every write *received* (answered, refused or reset), so they can also
+prove that nothing is sent again once it was answered.
 
 Network faults below HTTP (refused connections, black holes, cut streams) are not the
 simulator's job: the tests put a fault relay between the proxy and the simulator.
@@ -79,6 +81,18 @@ class SimulatorStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """One write request as it reached the simulator, and how it was answered."""
+
+    idempotency_key: str | None
+    order_key: str | None
+    method: str
+    path: str
+    status: int  # 0: the connection was reset, nothing answered
+    at: float  # the simulator's clock when the answer was decided
+
+
 @dataclass(slots=True)
 class _Control:
     latency_ms: float
@@ -132,6 +146,7 @@ class PopulationSimulator:
             outage_kind=self.settings.outage_kind,
         )
         self._applied: list[dict[str, Any]] = []
+        self._receipts: list[Receipt] = []
         self._applications: dict[str, dict[str, Any]] = {}
         self._responses: dict[str, tuple[int, dict[str, Any]]] = {}
         self._runner: web.AppRunner | None = None
@@ -174,6 +189,11 @@ class PopulationSimulator:
     def applied(self) -> list[dict[str, Any]]:
         """Applied writes in apply order (a copy)."""
         return list(self._applied)
+
+    @property
+    def receipts(self) -> list[Receipt]:
+        """Every write request received under ``/api/``, in arrival order (a copy)."""
+        return list(self._receipts)
 
     def elapsed(self) -> float:
         return self._clock() - self._started_at
@@ -240,6 +260,23 @@ class PopulationSimulator:
     ) -> web.StreamResponse:
         if request.path.startswith("/_sim/"):
             return cast(web.StreamResponse, await handler(request))
+        response = await self._serve(request, handler)
+        if request.path.startswith("/api/") and request.method not in {"GET", "HEAD"}:
+            reset = request.transport is None or request.transport.is_closing()
+            receipt = Receipt(
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                order_key=request.headers.get("Netwatch-Order-Key"),
+                method=request.method,
+                path=request.path,
+                status=0 if reset else response.status,
+                at=self._clock(),
+            )
+            self._receipts.append(receipt)
+        return response
+
+    async def _serve(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
         self.stats.requests += 1
         control = self._control
         if self.in_outage():

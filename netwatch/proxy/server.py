@@ -61,6 +61,10 @@ class ProxyCore(Protocol):
     @property
     def mode(self) -> Mode: ...
 
+    def mode_for_write(self) -> Mode:
+        """The mode, after checking the queue file for writes queued behind our back."""
+        ...
+
     def passive_failure(self, reason: str) -> None: ...
 
     async def enqueue(self, new: NewEntry) -> tuple[Entry, int]: ...
@@ -194,8 +198,8 @@ class ProxyServer:
         if request.content_length is not None and request.content_length > limit:
             return "rejected", _error(413, "body_too_large", max_body=limit)
         headers = outgoing_headers(request)
-        mode = self._core.mode
         if not is_replayable(self.settings.replayable, request.method, request.path):
+            mode = self._core.mode
             if mode == "offline":
                 return "rejected", _error(503, "upstream_unavailable", mode=mode)
             return await self._forward(request, headers, None)
@@ -207,9 +211,10 @@ class ProxyServer:
             body = await read_limited(request, limit)
         except BodyTooLarge:
             return "rejected", _error(413, "body_too_large", max_body=limit)
-        if mode != "online":
-            # Queued behind the backlog even while replaying: a new write must never
-            # overtake an older one.
+        # Decided once the write has fully arrived, from the queue file's backlog: queued
+        # behind anything waiting (even while replaying), so it never overtakes an older
+        # write on its order key, whoever put that one back in the queue.
+        if self._core.mode_for_write() != "online":
             return await self._queue(request, headers, body, key)
         return await self._forward(request, headers, (body, key))
 

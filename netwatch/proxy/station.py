@@ -11,13 +11,20 @@ wired together for the daemon.
 
 The mode machine is pure; this class feeds it events, applies its effects (metrics, a
 ``ModeChanged`` on the hub, waking the replayer, ending forwards that wait on a dead
-link) and keeps the backlog depth it reasons about close to the truth.
+link) and feeds it the backlog as the queue file tells it (``backlog.py``).
+
+The backlog rule that keeps per-order-key order: the mode may only say ``online`` (new
+writes forwarded directly) after a read of the queue file found nothing waiting, and while
+online every new write first checks that the file has not changed since (another process
+may have put dead letters back). Counts kept here between reads are estimates that may
+only err on the side of "something waits".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Self, cast, get_args
@@ -30,6 +37,7 @@ from netwatch.clock import Clock, SystemClock
 from netwatch.config import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
+from netwatch.proxy.backlog import BacklogWatch
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -105,9 +113,11 @@ class StationProxy:
         self._replay_concurrency = replay_concurrency
         self._guard: dict[str, bool | None] = dict.fromkeys(settings.guard)
         self._state = machine.initial(self._clock.now())
-        self._depth = 0  # committed queued entries, as far as this process knows
+        # Waiting entries: the last count read from the file, moved by this process's own
+        # commits until the next read (an estimate that a read confirms before "empty").
+        self._depth = 0
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
-        self._enqueued = 0  # generation counter: detects enqueues racing a stats read
+        self._watch: BacklogWatch | None = None
         self._stats: QueueSnapshot | None = None
         self._published: tuple[int, int] | None = None
         self._stack: AsyncExitStack | None = None
@@ -132,7 +142,9 @@ class StationProxy:
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
             self._stats = await self._queue.stats(now=now.timestamp())
-            self._depth = self._stats.depth
+            self._watch = BacklogWatch(self._queue.path)
+            stack.callback(self._watch.close)
+            self._depth = self._watch.refresh(force=True) or 0
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
@@ -265,7 +277,6 @@ class StationProxy:
         try:
             result = await self.queue.enqueue(new, now=self._clock.now().timestamp())
             self._depth += 1
-            self._enqueued += 1
         finally:
             self._enqueuing -= 1
             self._backlog()
@@ -289,8 +300,37 @@ class StationProxy:
         lag = now - entry.queued_at if outcome == "delivered" else None
         self.metrics.replayed(outcome, lag)
         if outcome != "retried":
-            self._depth = max(0, self._depth - 1)
+            self._settled(1)
+
+    def _settled(self, count: int) -> None:
+        """Entries left the backlog: only a read of the file may say it is empty."""
+        self._depth -= count
+        if self._depth <= 0 and not self._sync(force=True):
+            self._depth = 1  # unknown: something may wait until a read says otherwise
             self._backlog()
+
+    def _sync(self, *, force: bool = False) -> bool:
+        """Take the backlog from the file if anyone changed it (``force``: read it anyway).
+        False when the file could not be read: the caller must assume a backlog."""
+        if self._watch is None:
+            return False
+        try:
+            depth = self._watch.refresh(force=force)
+        except sqlite3.Error as exc:
+            log.warning("proxy_backlog_unreadable", error=str(exc))
+            return False
+        if depth is not None:
+            self._depth = depth
+            self._backlog()
+        return True
+
+    def mode_for_write(self) -> Mode:
+        """The mode a new replayable write is routed by. Online only if the queue file has
+        not changed since it was last found empty: otherwise it is read again (and the
+        mode follows), so a write never overtakes what another process put back."""
+        if self._state.mode == "online" and not self._sync():
+            return "replaying"  # unknown backlog: queue it, replay sends it right away
+        return self._state.mode
 
     async def _housekeeping(self) -> None:
         last_expire = last_publish = float("-inf")
@@ -315,11 +355,12 @@ class StationProxy:
             log.warning("proxy_entries_expired", count=len(expired))
             for _ in expired:
                 self.metrics.replayed("dead")
-            self._depth = max(0, self._depth - len(expired))
-            self._backlog()
+            self._settled(len(expired))
 
     async def _refresh(self, *, force_publish: bool) -> None:
-        generation = self._enqueued
+        # The backlog from the file: catches what another process did (a retry of dead
+        # letters) even while no station writes, and corrects this process's estimate.
+        self._sync(force=True)
         try:
             stats = await self.queue.stats(now=self._clock.now().timestamp())
         except Exception:  # logged; the last good figures stay exported
@@ -327,12 +368,6 @@ class StationProxy:
             return
         self._stats = stats
         self.metrics.queue_stats = stats
-        # Re-sync the depth from disk (the CLI may retry dead letters behind our back), but
-        # not with a read that may predate an enqueue: an undercount could let a new write
-        # overtake a queued one, an overcount only delays going online by a second.
-        if generation == self._enqueued and self._enqueuing == 0:
-            self._depth = stats.depth
-            self._backlog()
         key = (stats.depth, stats.dead)
         if force_publish or key != self._published:
             self._published = key
