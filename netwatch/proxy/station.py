@@ -13,6 +13,16 @@ The mode machine is pure; this class feeds it events, applies its effects (metri
 ``ModeChanged`` on the hub, waking the replayer, ending forwards that wait on a dead
 link) and feeds it the backlog as the queue file tells it (``backlog.py``).
 
+Time: the hold, the replay's pacing and every interval here run on the monotonic clock.
+The queue file keeps wall-clock times (shared with the CLI and the next run); they are
+read and written through a ``FileTime``, and when the wall clock steps (more than
+``STEP_TOLERANCE``) the file's waiting entries are shifted by the step before the frame
+follows it: a retry wait keeps its remaining time, and an entry's age (``max_age``) moves
+only with the monotonic clock (a backward step may delay an expiry, nothing brings one
+forward). Across a restart there is no shared monotonic clock: future times count as now
+and waits as at most ``replay.backoff_max`` (``DurableQueue.clamp_future``); a forward step
+while the proxy was stopped cannot be told from downtime and counts as age.
+
 The backlog rule that keeps per-order-key order: the mode may only say ``online`` (new
 writes forwarded directly) after a read of the queue file found nothing waiting, and while
 online every new write first checks that the file has not changed since (another process
@@ -33,7 +43,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from netwatch.clock import Clock, SystemClock
+from netwatch.clock import Clock, FileTime, SystemClock
 from netwatch.config import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
@@ -61,6 +71,7 @@ log = structlog.get_logger("netwatch.proxy")
 
 STATS_EVERY = 1.0
 EXPIRE_EVERY = 30.0
+STEP_TOLERANCE = 1.0  # wall-clock moves smaller than this are slewing, not steps
 PUBLISH_EVERY = 15.0  # queue stats go to the hub on change, and at least this often
 HEALTH_TIMEOUT = 2.0
 
@@ -110,6 +121,7 @@ class StationProxy:
         self._is_peak = is_peak
         self._key = key
         self._clock = clock or SystemClock()
+        self._file_time = FileTime(self._clock)
         self._replay_concurrency = replay_concurrency
         self._guard: dict[str, bool | None] = dict.fromkeys(settings.guard)
         self._state = machine.initial(self._clock.now())
@@ -141,7 +153,12 @@ class StationProxy:
             # QueueKeyError (wrong or missing key) propagates from here: fail fast.
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
-            self._stats = await self._queue.stats(now=now.timestamp())
+            self._file_time.resync()
+            file_now = self._file_time.now()
+            wait = self.settings.replay.backoff_max
+            if clamped := await self._queue.clamp_future(now=file_now, max_wait=wait):
+                log.warning("proxy_queue_times_in_future", entries=clamped)
+            self._stats = await self._queue.stats(now=file_now)
             self._watch = BacklogWatch(self._queue.path)
             stack.callback(self._watch.close)
             self._depth = self._watch.refresh(force=True) or 0
@@ -154,6 +171,7 @@ class StationProxy:
                 self._forwarder.replay,
                 self.settings.replay,
                 clock=self._clock,
+                file_time=self._file_time,
                 is_peak=self._is_peak,
                 active=lambda: self.mode != "offline",
                 on_result=self._replayed,
@@ -246,7 +264,8 @@ class StationProxy:
     # --- the mode machine -----------------------------------------------------------------
 
     def _feed(self, event: ModeEvent) -> None:
-        self._state, effects = machine.step(self._state, event, self._clock.now())
+        clock = self._clock
+        self._state, effects = machine.step(self._state, event, clock.now(), mono=clock.monotonic())
         for switch in effects:
             self._announce(switch.mode, switch.reason)
             if switch.mode == "offline" and self._forwarder is not None:
@@ -275,7 +294,7 @@ class StationProxy:
         self._enqueuing += 1
         self._backlog()
         try:
-            result = await self.queue.enqueue(new, now=self._clock.now().timestamp())
+            result = await self.queue.enqueue(new, now=self._file_time.now())
             self._depth += 1
         finally:
             self._enqueuing -= 1
@@ -290,7 +309,7 @@ class StationProxy:
     async def healthy(self) -> bool:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
-                await self.queue.stats(now=self._clock.now().timestamp())
+                await self.queue.stats(now=self._file_time.now())
         except Exception:  # any failure means "not usable"; logged
             log.warning("proxy_queue_unhealthy", exc_info=True)
             return False
@@ -336,6 +355,10 @@ class StationProxy:
         last_expire = last_publish = float("-inf")
         while True:
             mono = self._clock.monotonic()
+            if await self._absorb_clock_step():
+                # Ages are checked again at once: what a step did to them shows now.
+                last_expire = mono
+                log.info("proxy_ages_checked_after_step", expired=await self._expire())
             if mono - last_expire >= EXPIRE_EVERY:
                 last_expire = mono
                 await self._expire()
@@ -345,24 +368,41 @@ class StationProxy:
             self._feed(Tick())
             await asyncio.sleep(STATS_EVERY)
 
-    async def _expire(self) -> None:
+    async def _absorb_clock_step(self) -> bool:
+        """Shift the queue file's times by a wall clock step, then follow the wall clock.
+        True when there was a step (and it is now absorbed)."""
+        step = self._file_time.step()
+        if abs(step) <= STEP_TOLERANCE:
+            self._file_time.resync()  # slewing: follow it, never let it add up to a "step"
+            return False
         try:
-            expired = await self.queue.expire(now=self._clock.now().timestamp())
+            moved = await self.queue.shift_times(step)
+        except Exception:  # the frame stays steady until the shift succeeds
+            log.exception("proxy_clock_step_shift_failed", step_s=round(step, 3))
+            return False
+        self._file_time.resync()
+        log.warning("wall_clock_stepped", step_s=round(step, 3), entries_shifted=moved)
+        return True
+
+    async def _expire(self) -> int:
+        try:
+            expired = await self.queue.expire(now=self._file_time.now())
         except Exception:  # housekeeping must outlive a bad moment of the disk
             log.exception("proxy_expire_failed")
-            return
+            return 0
         if expired:
             log.warning("proxy_entries_expired", count=len(expired))
             for _ in expired:
                 self.metrics.replayed("dead")
             self._settled(len(expired))
+        return len(expired)
 
     async def _refresh(self, *, force_publish: bool) -> None:
         # The backlog from the file: catches what another process did (a retry of dead
         # letters) even while no station writes, and corrects this process's estimate.
         self._sync(force=True)
         try:
-            stats = await self.queue.stats(now=self._clock.now().timestamp())
+            stats = await self.queue.stats(now=self._file_time.now())
         except Exception:  # logged; the last good figures stay exported
             log.exception("proxy_stats_failed")
             return
@@ -375,6 +415,12 @@ class StationProxy:
 
     # --- status -----------------------------------------------------------------------------
 
+    def _hold_until(self) -> str | None:
+        until = self._state.suspect_until
+        if until is None:
+            return None
+        return iso(self._clock.now().timestamp() + until - self._clock.monotonic())
+
     def status(self) -> dict[str, Any]:
         state = self._state
         stats = self._stats
@@ -385,7 +431,7 @@ class StationProxy:
             "override": state.override,
             "remote_mode": state.remote,
             "backlog": self._depth + self._enqueuing,  # live; "queue" is the last disk read
-            "passive_hold_until": state.suspect_until.isoformat() if state.suspect_until else None,
+            "passive_hold_until": self._hold_until(),
             "guard": {
                 name: ("unknown" if ok is None else "ok" if ok else "down")
                 for name, ok in self._guard.items()
