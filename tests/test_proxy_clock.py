@@ -51,6 +51,16 @@ class SteppedProxy:
         self.process = ProxyProcess(tmp_path, config, env=env)
         self.url = self.process.url
 
+    async def start_online(self) -> None:
+        self.process.start()
+        await self.process.wait_ready()
+        await eventually(lambda: self.mode_is("online"), 20, "online")
+
+    async def cut(self, sim: PopulationSimulator) -> None:
+        """An outage the guard probe sees: the proxy goes offline."""
+        sim.set_outage(True)
+        await eventually(lambda: self.mode_is("offline"), 20, "offline (guard down)")
+
     def step_to(self, offset: str) -> None:
         """Set the wall clock's offset from real time, e.g. ``-3600`` or ``+7200``."""
         self.offset_file.write_text(f"{offset}\n")
@@ -85,14 +95,10 @@ async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_h
             tmp_path, sim, replay={"rate": "50/s", "peak_rate": "50/s",
                                    "backoff_initial": "3s", "backoff_max": "4s"}
         )  # fmt: skip
-        proxy.process.start()
         try:
-            await proxy.process.wait_ready()
-            await eventually(lambda: proxy.mode_is("online"), 20, "online")
-
+            await proxy.start_online()
             # 1. A retry wait: queued in an outage, then refused once (503) on replay.
-            sim.set_outage(True)
-            await eventually(lambda: proxy.mode_is("offline"), 20, "offline (guard down)")
+            await proxy.cut(sim)
             status, first = await _post(session, proxy.url, 1)
             assert status == 202
             sim.control(reject_next=1, reject_status=503)
@@ -129,12 +135,9 @@ async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_h
 async def test_wall_clock_stepped_forward_two_hours_expires_nothing(tmp_path: Path) -> None:
     async with PopulationSimulator() as sim, aiohttp.ClientSession() as session:
         proxy = SteppedProxy(tmp_path, sim, queue={"path": str(tmp_path / "q.db"), "max_age": "1h"})
-        proxy.process.start()
         try:
-            await proxy.process.wait_ready()
-            await eventually(lambda: proxy.mode_is("online"), 20, "online")
-            sim.set_outage(True)
-            await eventually(lambda: proxy.mode_is("offline"), 20, "offline (guard down)")
+            await proxy.start_online()
+            await proxy.cut(sim)
             tickets = []
             for seq in range(1, 6):
                 status, ticket = await _post(session, proxy.url, seq)
