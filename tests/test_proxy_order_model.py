@@ -84,9 +84,10 @@ class Write:
 @dataclass(slots=True)
 class Model:
     writes: dict[str, Write] = field(default_factory=dict)
-    # idempotency key -> times it (re-)entered the waiting set: its 202, or a retry that
-    # surely put it back (its dead-letter mark was seen before the retry began).
-    entered: dict[str, list[float]] = field(default_factory=dict)
+    # idempotency key -> when it (re-)entered the waiting set, as (not before, not after):
+    # its request and its 202, or a retry that surely put it back (its dead-letter mark
+    # was seen before the retry began) and the retry's end.
+    entered: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     restarts: list[float] = field(default_factory=list)
     purges: list[tuple[float, float]] = field(default_factory=list)
 
@@ -134,9 +135,27 @@ class OrderMachine(RuleBasedStateMachine):
         self.link_up = True
         self.model = Model()
         self.seq = 0
+        try:
+            self.running = self._start_proxy()
+        except BaseException:
+            self.lt.run(self.sim.stop())
+            self.lt.close()
+            raise
         self.session = self.lt.run(self._session())
-        self.running = RunningProxy(self.settings)
-        self.lt.run(self.running.start(self.link_up))
+
+    def _start_proxy(self) -> RunningProxy:
+        """A proxy on a fresh port (other tests on this machine may take the last one)."""
+        for attempt in range(5):
+            self.settings = self.settings.model_copy(update={"listen": f"127.0.0.1:{free_port()}"})
+            running = RunningProxy(self.settings)
+            try:
+                self.lt.run(running.start(self.link_up))
+            except OSError:
+                if attempt == 4:
+                    raise
+                continue
+            return running
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def _session() -> aiohttp.ClientSession:
@@ -168,7 +187,8 @@ class OrderMachine(RuleBasedStateMachine):
         write.answered_at = time.monotonic()
         assert write.status in {201, 202, 422}, f"{key}: answered {write.status}"
         if write.status == 202:
-            self.model.entered.setdefault(key, []).append(write.answered_at)
+            span = (write.issued_at, write.answered_at)
+            self.model.entered.setdefault(key, []).append(span)
 
     async def _post(self, key: str, order_key: str) -> int:
         url = f"{self.running.proxy.url}/api/applications"
@@ -192,10 +212,11 @@ class OrderMachine(RuleBasedStateMachine):
     def operator_retries_dead_letters(self, then: list[str]) -> None:
         """``netwatch queue retry --all-dead`` while the station keeps posting (``then``)."""
         surely_dead = self._wait_dead_marked()
+        start = time.monotonic()
         self.lt.run(self._operator(lambda q: q.retry_dead(now=time.time())))
         end = time.monotonic()
         for key in surely_dead:
-            self.model.entered.setdefault(key, []).append(end)
+            self.model.entered.setdefault(key, []).append((start, end))
         for order_key in then:
             self.station_writes(order_key)
 
@@ -211,8 +232,7 @@ class OrderMachine(RuleBasedStateMachine):
     def proxy_restarts(self) -> None:
         self.lt.run(self.running.stop())
         self.model.restarts.append(time.monotonic())
-        self.running = RunningProxy(self.settings)
-        self.lt.run(self.running.start(self.link_up))
+        self.running = self._start_proxy()
 
     @rule(seconds=st.sampled_from([0.01, 0.05, 0.2]))
     def time_passes(self, seconds: float) -> None:
@@ -324,15 +344,17 @@ def _check_order(model: Model, by_key: dict[str, list[Receipt]]) -> None:
             if x.key == y.key or x.order_key != y.order_key:
                 continue
             x_got = by_key.get(x.key, [])
-            for entered in model.entered.get(x.key, []):
-                if entered > y.issued_at:
-                    continue
-                settled = [r.at for r in x_got if r.at > entered and r.status in SETTLING]
+            for not_before, not_after in model.entered.get(x.key, []):
+                if not_after > y.issued_at:
+                    continue  # x may have entered after y was sent
+                settled = [r.at for r in x_got if r.at > not_before and r.status in SETTLING]
                 if settled and settled[0] <= y.issued_at:
                     continue  # x had settled before y was sent: no order between them
                 overtaken = (
                     f"{y.key} reached the upstream while {x.key} (waiting on order key "
-                    f"{x.order_key!r} since before {y.key} was sent) was unsettled"
+                    f"{x.order_key!r} since before {y.key} was sent) was unsettled; "
+                    f"{x.key}: {x}, entered {model.entered.get(x.key)}, got {x_got}; "
+                    f"{y.key}: {y}, got {y_got}; restarts {model.restarts}"
                 )
                 assert settled, overtaken
                 assert first_y > settled[0], overtaken

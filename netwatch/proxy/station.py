@@ -48,6 +48,7 @@ from netwatch.config import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
 from netwatch.proxy.backlog import BacklogWatch
+from netwatch.proxy.connections import ConnectionLimits, connection_cap
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -137,6 +138,13 @@ class StationProxy:
         self._forwarder: Forwarder | None = None
         self._replayer: Replayer | None = None
         self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._limits = ConnectionLimits(
+            header_timeout=settings.header_timeout,
+            idle_timeout=settings.idle_timeout,
+            cap=settings.max_connections,
+            clock=self._clock.monotonic,
+        )
 
     # --- lifetime -------------------------------------------------------------------------
 
@@ -178,25 +186,49 @@ class StationProxy:
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
             )
-            server = ProxyServer(self.settings, self, self._forwarder, self.metrics, self._registry)
+            server = ProxyServer(
+                self.settings,
+                self,
+                self._forwarder,
+                self.metrics,
+                self._registry,
+                middlewares=[self._limits.middleware],
+            )
             runner = web.AppRunner(
                 server.app(),
                 access_log=None,  # paths carry citizens' identifiers
                 handle_signals=False,
                 shutdown_timeout=2.0,
                 logger=AIOHTTP_LOG,
+                # aiohttp's own idle close stays behind ours (ConnectionLimits decides).
+                keepalive_timeout=max(self.settings.idle_timeout, self.settings.header_timeout)
+                + 5.0,
+                lingering_time=1.0,
             )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
+            self._limits.cap = connection_cap(self.settings.max_connections)
             host, port = split_listen(self.settings.listen)
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            if runner.server is None:
+                raise RuntimeError("the aiohttp runner has no server after setup")
+            listener = await asyncio.get_running_loop().create_server(
+                self._limits.protocol_factory(runner.server), host, port, reuse_address=True
+            )
+            stack.callback(listener.close)  # before runner.cleanup: no new connections
+            self._port = cast(tuple[str, int], listener.sockets[0].getsockname())[1]
             self._runner = runner
             self._announce(self._state.mode, self._state.reason)
             if not self.settings.guard:
                 # No guard targets: only passive detection drives the mode.
                 self._feed(GuardChanged(all_ok=True))
             self._stack = stack.pop_all()
-        log.info("proxy_listening", url=self.url, mode=self.mode, backlog=self._depth)
+        log.info(
+            "proxy_listening",
+            url=self.url,
+            mode=self.mode,
+            backlog=self._depth,
+            max_connections=self._limits.cap,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -206,9 +238,9 @@ class StationProxy:
 
     @property
     def port(self) -> int:
-        if self._runner is None:
+        if self._port is None:
             raise RuntimeError("StationProxy is not open")
-        return cast(tuple[str, int], self._runner.addresses[0])[1]
+        return self._port
 
     @property
     def url(self) -> str:
@@ -228,6 +260,7 @@ class StationProxy:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._replayer.run(), name="proxy-replay")
             tg.create_task(self._housekeeping(), name="proxy-housekeeping")
+            tg.create_task(self._limits.run(), name="proxy-connections")
 
     # --- inputs from the daemon ----------------------------------------------------------------
 
