@@ -23,10 +23,8 @@ import pytest
 import structlog
 from helpers.daemon import eventually, free_tcp_port
 from helpers.stations import ProxyProcess, proxy_config
-from prometheus_client import CollectorRegistry
+from test_proxy import make_settings, running
 
-from netwatch.config import Proxy
-from netwatch.events import EventHub
 from netwatch.logs import RepeatFilter, RepeatLimit
 from netwatch.proxy.station import StationProxy
 from netwatch.simulator import PopulationSimulator
@@ -39,23 +37,8 @@ SLOW_CONNECTIONS = 1050
 
 @asynccontextmanager
 async def proxy_with(tmp_path: Path, upstream: str, **limits: Any) -> AsyncIterator[StationProxy]:
-    settings = Proxy.model_validate(
-        {
-            "listen": f"127.0.0.1:{free_tcp_port()}",
-            "upstream": upstream,
-            "queue": {"path": str(tmp_path / "queue.db")},
-            **limits,
-        }
-    )
-    proxy = StationProxy(settings, "q1", CollectorRegistry(), EventHub(), lambda: False, None)
-    async with proxy:
-        task = asyncio.get_running_loop().create_task(proxy.run())
-        try:
-            yield proxy
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+    async with running(make_settings(tmp_path, upstream, **limits)) as proxy:
+        yield proxy
 
 
 async def closed_after(reader: asyncio.StreamReader, limit: float) -> tuple[float, bytes]:
