@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, FileTime, SystemClock
 from netwatch.config import Proxy
+from netwatch.errors import QueueError
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
 from netwatch.proxy.backlog import BacklogWatch
@@ -167,7 +168,10 @@ class StationProxy:
             if clamped := await self._queue.clamp_future(now=file_now, max_wait=wait):
                 log.warning("proxy_queue_times_in_future", entries=clamped)
             self._stats = await self._queue.stats(now=file_now)
-            self._watch = BacklogWatch(self._queue.path)
+            try:
+                self._watch = BacklogWatch(self._queue.path)
+            except sqlite3.Error as exc:
+                raise QueueError(f"{self._queue.path}: cannot watch the queue: {exc}") from exc
             stack.callback(self._watch.close)
             self._depth = self._watch.refresh(force=True) or 0
             self.metrics.queue_stats = self._stats
