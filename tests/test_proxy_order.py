@@ -122,6 +122,13 @@ async def test_retried_dead_letters_are_not_overtaken_by_new_writes(tmp_path: Pa
             await eventually(all_applied, 30, "every write applied")
             order = [a["station_seq"] for a in sim.applied]
             assert len(order) == len(set(order)), "a write was applied twice"
+            # Exactly once as the upstream *received* it: nothing is sent again once applied.
+            applied_at: dict[str | None, float] = {}
+            for receipt in sim.receipts:
+                key = receipt.idempotency_key
+                assert key not in applied_at, f"{key} received again after it was applied"
+                if 200 <= receipt.status < 300:
+                    applied_at[key] = receipt.at
             position = {s: i for i, s in enumerate(order)}
             last_retried = max(position[s] for s in dead_seqs)
             overtakers = [s for s in issued_after_retry if position[s] < last_retried]

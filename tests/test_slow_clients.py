@@ -113,7 +113,9 @@ async def test_a_station_gets_in_when_slow_connections_fill_the_cap(tmp_path: Pa
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(HEAD)
             slow.append((reader, writer))
-        await eventually(lambda: _true(proxy._limits.open == 16), 5, "16 connections open")
+        await eventually(
+            lambda: _true(proxy.status()["connections"]["open"] == 16), 5, "16 connections open"
+        )
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{proxy.url}/api/applications", json={"seq": 1}) as resp,
@@ -122,7 +124,7 @@ async def test_a_station_gets_in_when_slow_connections_fill_the_cap(tmp_path: Pa
         # The connection that waited longest made room.
         took, _ = await closed_after(slow[0][0], 5)
         assert took < 5
-        assert proxy._limits.evicted >= 1
+        assert proxy.status()["connections"]["evicted"] >= 1
         for _, writer in slow:
             writer.close()
 

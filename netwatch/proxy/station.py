@@ -485,5 +485,12 @@ class StationProxy:
                 "in_flight": self._replayer.in_flight if self._replayer else 0,
                 "rate_per_s": self._replayer.rate() if self._replayer else None,
             },
+            "connections": {
+                "open": self._limits.open,
+                "cap": self._limits.cap,
+                "evicted": self._limits.evicted,
+                "timed_out": self._limits.timed_out,
+                "refused": self._limits.refused,
+            },
             "checked_at": iso(self._clock.now().timestamp()),
         }
