@@ -261,3 +261,87 @@ class Api:
             assert resp.status == 200, await resp.text()
             body: list[dict[str, Any]] = await resp.json()
             return body
+
+
+# --- the central path at city scale ---------------------------------------------------------
+
+RULES = ROOT / "config" / "prometheus" / "rules"
+
+
+def tuned_city_rules(workdir: Path, **constants: float) -> Path:
+    """config/prometheus/rules/city.yml with some threshold constants changed, the way a NOC
+    tunes them: ``silent_seconds=5`` sets netwatch:city_site_silent_seconds_threshold."""
+    doc: dict[str, Any] = yaml.safe_load((RULES / "city.yml").read_text(encoding="utf-8"))
+    seen = set()
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            record = rule.get("record", "")
+            for key, value in constants.items():
+                if record in (f"netwatch:city_site_{key}_threshold", f"netwatch:city_{key}"):
+                    rule["expr"] = f"vector({value:g})"
+                    seen.add(record)
+    assert len(seen) == len(constants), (constants, seen)
+    return _write_yaml(workdir, "city.yml", doc)
+
+
+def _ms(seconds: float) -> str:
+    """A duration Prometheus accepts (it wants whole units)."""
+    return f"{round(seconds * 1000)}ms"
+
+
+def agent_config(
+    targets: list[tuple[str, str, str | None]], write_url: str, scrape: float
+) -> dict[str, Any]:
+    """Prometheus in agent mode, as in config/prometheus/agent.yml, scraping simulated sites."""
+    return {
+        "global": {
+            "scrape_interval": _ms(scrape),
+            "scrape_timeout": _ms(scrape * 0.8),
+        },
+        "scrape_configs": [
+            {
+                "job_name": "netwatch",
+                "honor_labels": True,
+                "static_configs": [
+                    {
+                        "targets": [host],
+                        "labels": {"__metrics_path__": path, **({"site": site} if site else {})},
+                    }
+                    for host, path, site in targets
+                ],
+            }
+        ],
+        "remote_write": [
+            {
+                "url": write_url,
+                "name": "central",
+                "remote_timeout": "5s",
+                "queue_config": {
+                    "capacity": 20000,
+                    "max_shards": 8,
+                    "max_samples_per_send": 5000,
+                    "batch_send_deadline": _ms(scrape),
+                    "min_backoff": "100ms",
+                    "max_backoff": "1s",
+                    "retry_on_http_429": True,
+                },
+            }
+        ],
+    }
+
+
+AGENT_ARGS = ("--storage.agent.retention.max-time=24h",)
+
+
+def central_config(rule_files: list[Path], evaluation: float, am_url: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "global": {"evaluation_interval": _ms(evaluation)},
+        "rule_files": [str(p) for p in rule_files],
+    }
+    if am_url:
+        host = am_url.removeprefix("http://")
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [host]}]}]}
+    return config
+
+
+CENTRAL_ARGS = ("--web.enable-remote-write-receiver",)
