@@ -50,6 +50,7 @@ needs_vm = pytest.mark.skipif(
     shutil.which("victoria-metrics") is None, reason="victoria-metrics is not installed"
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SCRAPE = 2.0
 EVALUATION = 1.0
 SILENT = 3 * SCRAPE  # the NOC's tuned silence threshold for this short scrape interval
@@ -131,6 +132,40 @@ async def test_city_alerts_fire_centrally_from_agents_remote_write(tmp_path: Pat
         # scrape plus a remote-write batch plus a rule evaluation for reporting ones.
         assert isp_seconds < SILENT + 4 * SCRAPE + 2 * EVALUATION + 10
         assert db_seconds < 4 * SCRAPE + 2 * EVALUATION + 10
+
+        # The city dashboard, against the store the rules write to: every query runs, and
+        # during the outage every panel but the brownout one has something to show.
+        shown, errors = set(), []
+        for title, expr in city_view_queries():
+            async with api.session.post(
+                f"{central.url}/api/v1/query", data={"query": expr}
+            ) as resp:
+                body = await resp.json()
+            if body["status"] != "success" or body.get("warnings"):
+                errors.append(f"{title}: {body}\n  {expr}")
+            elif body["data"]["result"]:
+                shown.add(title)
+        panels = {title for title, _ in city_view_queries()}
+        empty = panels - shown
+        assert not errors, "\n".join(errors)
+        assert empty <= {"Sites seeing the database slow"}, empty
+        assert len(panels) >= 12
+
+
+def city_view_queries() -> list[tuple[str, str]]:
+    dash = json.loads(
+        (ROOT / "grafana" / "dashboards" / "city-view.json").read_text(encoding="utf-8")
+    )
+    grafana = {"$__rate_interval": "10s", "$__interval": "2s", "$__range": "10m", "$site": ".*"}
+    out = []
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name in sorted(grafana, key=len, reverse=True):
+                expr = expr.replace(name, grafana[name])
+            assert "$" not in expr, expr
+            out.append((panel["title"], expr))
+    return out
 
 
 async def _equal(probe: Any, expected: Any) -> bool:

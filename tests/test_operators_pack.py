@@ -340,6 +340,7 @@ def test_dashboards_have_stable_unique_uids_and_variables() -> None:
     boards = dashboards()
     assert {d["uid"] for d in boards.values()} == {
         "netwatch-city",
+        "netwatch-city-view",
         "netwatch-site",
         "netwatch-stations",
     }
@@ -403,6 +404,7 @@ def test_core_panels_exist() -> None:
     assert ("netwatch-city", "state-timeline") in kinds
     assert ("netwatch-site", "heatmap") in kinds
     assert ("netwatch-stations", "state-timeline") in kinds
+    assert ("netwatch-city-view", "state-timeline") in kinds  # incident timeline
 
 
 def test_grafana_provisioning_points_at_the_dashboards() -> None:
