@@ -241,7 +241,8 @@ class Api:
         for series in await self.query(base, 'ALERTS{alertstate="firing"}'):
             labels = dict(series["metric"])
             name = labels.pop("alertname")
-            for drop in ("__name__", "alertstate", "severity", "scope"):
+            # alertgroup: vmalert adds the rule group's name.
+            for drop in ("__name__", "alertstate", "severity", "scope", "alertgroup"):
                 labels.pop(drop, None)
             out.add((name, tuple(sorted(labels.items()))))
         return out
@@ -268,13 +269,16 @@ class Api:
 RULES = ROOT / "config" / "prometheus" / "rules"
 
 
-def tuned_city_rules(workdir: Path, **constants: float) -> Path:
+def tuned_city_rules(workdir: Path, fors: dict[str, str] | None = None, **constants: float) -> Path:
     """config/prometheus/rules/city.yml with some threshold constants changed, the way a NOC
-    tunes them: ``silent_seconds=5`` sets netwatch:city_site_silent_seconds_threshold."""
+    tunes them: ``silent_seconds=5`` sets netwatch:city_site_silent_seconds_threshold;
+    ``fors={"NetwatchPopulationDBSlow": "10s"}`` changes an alert's ``for``."""
     doc: dict[str, Any] = yaml.safe_load((RULES / "city.yml").read_text(encoding="utf-8"))
     seen = set()
     for group in doc["groups"]:
         for rule in group["rules"]:
+            if rule.get("alert") in (fors or {}):
+                rule["for"] = (fors or {})[rule["alert"]]
             record = rule.get("record", "")
             for key, value in constants.items():
                 if record in (f"netwatch:city_site_{key}_threshold", f"netwatch:city_{key}"):
@@ -290,7 +294,10 @@ def _ms(seconds: float) -> str:
 
 
 def agent_config(
-    targets: list[tuple[str, str, str | None]], write_url: str, scrape: float
+    targets: list[tuple[str, str, str | None]],
+    write_url: str | list[str],
+    scrape: float,
+    batch: float | None = None,
 ) -> dict[str, Any]:
     """Prometheus in agent mode, as in config/prometheus/agent.yml, scraping simulated sites."""
     return {
@@ -313,19 +320,20 @@ def agent_config(
         ],
         "remote_write": [
             {
-                "url": write_url,
-                "name": "central",
+                "url": url,
+                "name": f"central-{n}",
                 "remote_timeout": "5s",
                 "queue_config": {
                     "capacity": 20000,
                     "max_shards": 8,
                     "max_samples_per_send": 5000,
-                    "batch_send_deadline": _ms(scrape),
+                    "batch_send_deadline": _ms(batch or scrape),
                     "min_backoff": "100ms",
                     "max_backoff": "1s",
                     "retry_on_http_429": True,
                 },
             }
+            for n, url in enumerate([write_url] if isinstance(write_url, str) else write_url)
         ],
     }
 
@@ -345,3 +353,27 @@ def central_config(rule_files: list[Path], evaluation: float, am_url: str | None
 
 
 CENTRAL_ARGS = ("--web.enable-remote-write-receiver",)
+
+
+@asynccontextmanager
+async def run_vmalert(
+    workdir: Path, rule_files: list[Path], store_url: str, am_url: str, evaluation: float
+) -> AsyncIterator[Proc]:
+    """vmalert evaluating Prometheus rule files against VictoriaMetrics; recording rules and
+    ALERTS are written back to the store."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [
+        "vmalert",
+        *(f"-rule={p}" for p in rule_files),
+        f"-datasource.url={store_url}",
+        f"-remoteWrite.url={store_url}",
+        f"-remoteRead.url={store_url}",
+        "-remoteWrite.flushInterval=200ms",
+        f"-notifier.url={am_url}",
+        f"-evaluationInterval={_ms(evaluation)}",
+        f"-httpListenAddr=127.0.0.1:{port}",
+        "-loggerLevel=WARN",
+    ]
+    async with run_process(argv, workdir / "vmalert.log", f"{url}/health", url) as proc:
+        yield proc
