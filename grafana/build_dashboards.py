@@ -875,6 +875,24 @@ SITE_DOMAIN = (
 CITY_ALERT_SCOPES = 'ALERTS{alertstate="firing", scope=~"national|isp|district|site"}'
 
 
+def share_bars(title: str, expr: str, label: str) -> Json:
+    """A horizontal bar per group (ISP, district): the share of its sites cut off."""
+    return panel(
+        "bargauge",
+        title,
+        [q(expr, "{{" + label + "}}", instant=True)],
+        w=8,
+        h=8,
+        unit="percentunit",
+        defaults={
+            "min": 0,
+            "max": 1,
+            "thresholds": thresholds((None, "green"), (0.2, "yellow"), (0.5, "red")),
+        },
+        options={"orientation": "horizontal", "displayMode": "gradient"},
+    )
+
+
 def city_view() -> Json:
     site_link = [{"title": "Site detail", "url": SITE_LINK}]
     latency = "site:netwatch_city_service_latency_seconds:mean1m"
@@ -978,34 +996,8 @@ def city_view() -> Json:
                 h=8,
             ),
             grid,
-            panel(
-                "bargauge",
-                "Cut-off share by ISP",
-                [q("isp:netwatch_city_cut:ratio", "{{isp}}", instant=True)],
-                w=8,
-                h=8,
-                unit="percentunit",
-                defaults={
-                    "min": 0,
-                    "max": 1,
-                    "thresholds": thresholds((None, "green"), (0.2, "yellow"), (0.5, "red")),
-                },
-                options={"orientation": "horizontal", "displayMode": "gradient"},
-            ),
-            panel(
-                "bargauge",
-                "Cut-off share by district",
-                [q("district:netwatch_city_cut:ratio", "{{district}}", instant=True)],
-                w=8,
-                h=8,
-                unit="percentunit",
-                defaults={
-                    "min": 0,
-                    "max": 1,
-                    "thresholds": thresholds((None, "green"), (0.2, "yellow"), (0.5, "red")),
-                },
-                options={"orientation": "horizontal", "displayMode": "gradient"},
-            ),
+            share_bars("Cut-off share by ISP", "isp:netwatch_city_cut:ratio", "isp"),
+            share_bars("Cut-off share by district", "district:netwatch_city_cut:ratio", "district"),
             table(
                 "Sites cut off now",
                 [

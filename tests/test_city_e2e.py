@@ -26,14 +26,13 @@ import pytest
 from helpers.city import make_city
 from helpers.city_sim import CitySim
 from helpers.city_stack import (
-    AGENT_ARGS,
     CENTRAL_ARGS,
     RULES,
     Api,
     Proc,
-    agent_config,
     alertmanager_config,
     central_config,
+    run_agent,
     run_alertmanager,
     run_prometheus,
     run_victoria_metrics,
@@ -90,13 +89,7 @@ async def city_central(
 ) -> AsyncIterator[tuple[Proc, Api]]:
     async with (
         rules_store(kind, tmp_path) as central,
-        run_prometheus(
-            tmp_path / "agent",
-            agent_config(sim.targets, f"{central.url}/api/v1/write", SCRAPE),
-            agent=True,
-            args=AGENT_ARGS,
-            name="agent",
-        ),
+        run_agent(tmp_path / "agent", sim.targets, f"{central.url}/api/v1/write", SCRAPE),
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
     ):
         yield central, Api(session)
@@ -267,13 +260,7 @@ async def test_agent_remote_write_keeps_samples_through_an_outage(
         CitySim(city) as sim,
         store(kind, tmp_path) as central,
         FaultRelay("127.0.0.1", int(central.url.rsplit(":", 1)[1])) as wan,
-        run_prometheus(
-            tmp_path / "agent",
-            agent_config(sim.targets, f"{wan.url}/api/v1/write", GAP_SCRAPE),
-            agent=True,
-            args=AGENT_ARGS,
-            name="agent",
-        ) as agent,
+        run_agent(tmp_path / "agent", sim.targets, f"{wan.url}/api/v1/write", GAP_SCRAPE) as agent,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
     ):
         api = Api(session)

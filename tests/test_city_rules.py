@@ -76,6 +76,7 @@ def test_the_simulated_city_has_300_sites_in_20_districts_and_4_isps() -> None:
         "peak-brownout",
         "two-unrelated-sites",
         "isp-during-database",
+        "central-store-late",
     ]
 
 

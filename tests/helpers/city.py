@@ -203,6 +203,19 @@ def scenarios(city: Sequence[Site]) -> list[Scenario]:
         1,
         steady=last.steady,
     )
+    # Nothing at all arrives for 2.5 minutes, from every site at once: the central store
+    # ingests late (or its own link hiccups). No site is silent compared with the others:
+    # nothing fires, nobody is paged.
+    out.append(
+        Scenario(
+            "central-store-late",
+            dict.fromkeys((s.id for s in city), "silent"),
+            frozenset(),
+            frozenset(),
+            0,
+            duration=150,
+        )
+    )
     return out
 
 

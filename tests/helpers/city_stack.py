@@ -341,6 +341,25 @@ def agent_config(
 AGENT_ARGS = ("--storage.agent.retention.max-time=24h",)
 
 
+@asynccontextmanager
+async def run_agent(
+    workdir: Path,
+    targets: list[tuple[str, str, str | None]],
+    write_url: str | list[str],
+    scrape: float,
+    batch: float | None = None,
+) -> AsyncIterator[Proc]:
+    """Prometheus in agent mode, its WAL kept a day, scraping ``targets``."""
+    async with run_prometheus(
+        workdir,
+        agent_config(targets, write_url, scrape, batch),
+        agent=True,
+        args=AGENT_ARGS,
+        name="agent",
+    ) as agent:
+        yield agent
+
+
 def central_config(rule_files: list[Path], evaluation: float, am_url: str | None) -> dict[str, Any]:
     config: dict[str, Any] = {
         "global": {"evaluation_interval": _ms(evaluation)},
