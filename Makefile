@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
-	prometheus-blackbox-exporter nftables iproute2 nginx-light
+	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics
 BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
 
