@@ -16,6 +16,7 @@ import click
 from netwatch import __version__
 from netwatch.errors import ConfigError, NetwatchError, UsageError
 from netwatch.logs import configure_logging
+from netwatch.words import plural
 
 
 class _State:
@@ -88,7 +89,7 @@ def check_config(path: Path) -> None:
 
     config = load_config(path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
-    click.echo(f"{path}: ok ({len(config.targets)} targets{extra})")
+    click.echo(f"{path}: ok ({plural(len(config.targets), 'target')}{extra})")
 
 
 @cli.command()
@@ -219,6 +220,69 @@ def keygen(path: Path) -> None:
 
     generate_key_file(path)
     click.echo(f"{path}: key written (keep it safe: queued entries cannot be read without it)")
+
+
+@cli.command()
+@click.option("--site", "site_id", required=True, help="Site id, e.g. q1-ben-nghe.")
+@click.option("--name", required=True, help='Site name, e.g. "UBND phường Bến Nghé".')
+@click.option("--upstream", required=True, help="The population database API's base URL.")
+@click.option("--district", default="", help="District label (city view).")
+@click.option("--isp", default="", help="ISP label (city view).")
+@click.option("--timezone", default="Asia/Ho_Chi_Minh", show_default=True)
+@click.option(
+    "--queue",
+    "queue_path",
+    default="/var/lib/netwatch/queue.db",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Queue file; its key is made beside it (queue.key).",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default="/etc/netwatch/netwatch.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the config.",
+)
+@click.option(
+    "--listen", default="0.0.0.0:8080", show_default=True, help="Where stations reach the proxy."
+)
+@click.option("--metrics-listen", default="127.0.0.1:9108", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing config (never a key).")
+def init(
+    site_id: str,
+    name: str,
+    upstream: str,
+    district: str,
+    isp: str,
+    timezone: str,
+    queue_path: Path,
+    config_path: Path,
+    listen: str,
+    metrics_listen: str,
+    force: bool,
+) -> None:
+    """Write a site's first config and its queue key."""
+    from netwatch.siteinit import SiteAnswers, write_site
+
+    answers = SiteAnswers(
+        site_id=site_id,
+        name=name,
+        upstream=upstream,
+        district=district,
+        isp=isp,
+        timezone=timezone,
+        queue=queue_path,
+        proxy_listen=listen,
+        metrics_listen=metrics_listen,
+    )
+    written = write_site(answers, config_path, force=force)
+    key = "written" if written.key_created else "kept (it already existed)"
+    click.echo(f"{written.config_path}: config written for site {written.config.site.id}")
+    click.echo(f"{written.key_path}: queue key {key}; back it up (docs/install.md)")
+    click.echo(f"next: netwatch check-config {written.config_path}")
 
 
 def _attach_queue() -> None:

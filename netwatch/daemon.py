@@ -117,7 +117,10 @@ class Daemon:
                 await self.extras.enter(stack)
                 if self.role == "site":
                     app = build_app(
-                        self.registry, self.status, (self.metrics.targets, self.time_series)
+                        self.registry,
+                        self.status,
+                        (self.metrics.targets, self.time_series),
+                        token=self.config.metrics.token,
                     )
                     await stack.enter_async_context(serve(app, self.config.metrics.listen))
                     log.info(

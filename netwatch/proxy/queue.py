@@ -406,6 +406,17 @@ class DurableQueue:
 
         return await self._read(run)
 
+    async def last_delivered_at(self) -> float | None:
+        """When the most recently delivered entry was delivered (None: none kept)."""
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MAX(delivered_at) FROM entries WHERE state = 'delivered'"
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._read(run)
+
     async def list(
         self, *, state: EntryState | None = None, limit: int = 100, after_seq: int = 0
     ) -> Sequence[Entry]:
