@@ -147,7 +147,13 @@ def probe(
 )
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
+@click.option(
+    "--token",
+    envvar="NETWATCH_TOKEN",
+    default=None,
+    help="Bearer token (metrics.token or proxy.admin_token) [env: NETWATCH_TOKEN].",
+)
+def status(url: str | None, config_path: Path | None, as_json: bool, token: str | None) -> None:
     """Show link states, proxy mode and queue depth of a running daemon."""
     from netwatch.oneshot import fetch_status, render_status
 
@@ -156,10 +162,12 @@ def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
         if config_path is not None:
             from netwatch.config.schema import load_config
 
-            listen = load_config(config_path).metrics.listen
+            config = load_config(config_path)
+            listen = config.metrics.listen
+            token = token or config.metrics.token
         host, _, port = listen.rpartition(":")
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
-    data = fetch_status(url)
+    data = fetch_status(url, token=token or None)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
