@@ -83,11 +83,20 @@ def proxy(config_path: Path) -> None:
 
 @cli.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(path: Path) -> None:
-    """Validate a config file: exit 0, or 2 with one line per problem."""
+@click.option(
+    "--skip-files",
+    is_flag=True,
+    help="Do not check the files it names (CA, certificates, key, queue): for a config "
+    "checked away from its site.",
+)
+def check_config(path: Path, skip_files: bool) -> None:
+    """Validate a config file and the files it names: exit 0, or 2 with one line per problem."""
+    from netwatch.config.files import check_files
     from netwatch.config.schema import load_config
 
     config = load_config(path)
+    if not skip_files:
+        check_files(config, path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
     click.echo(f"{path}: ok ({plural(len(config.targets), 'target')}{extra})")
 

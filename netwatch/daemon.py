@@ -180,6 +180,9 @@ class Daemon:
 
 
 async def run_daemon(config_path: Path, *, role: Role = "site") -> None:
+    from netwatch.config.files import check_files  # noqa: PLC0415 - start-up only
+
     config = load_config(config_path)
+    check_files(config, config_path)
     daemon = Daemon(config, config_path=config_path, role=role)
     await daemon.run()

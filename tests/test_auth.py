@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,10 +16,11 @@ from typing import IO, Any
 import aiohttp
 import pytest
 import yaml
+from helpers.cli import netwatch
 from helpers.daemon import eventually, free_tcp_port, run_daemon
 from prometheus_client import CollectorRegistry
 
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
 from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
 
@@ -59,17 +58,6 @@ def daemon_config(tcp_upstream: int, metrics_port: int) -> dict[str, Any]:
         "targets": [{"name": "gw", "type": "tcp", "host": "127.0.0.1", "port": tcp_upstream}],
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "token": "${NETWATCH_METRICS_TOKEN}"},
     }
-
-
-def netwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netwatch", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 async def test_daemon_metrics_and_status_need_the_token(

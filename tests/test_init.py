@@ -6,26 +6,16 @@ from __future__ import annotations
 import configparser
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import netwatch
 from helpers.systemd import UNIT, unit_for, verify_unit
 
 from netwatch.config.schema import load_config
 
 VENV = Path(sys.executable).parent.parent
-
-
-def netwatch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netwatch", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def init_args(tmp_path: Path, *extra: str) -> list[str]:

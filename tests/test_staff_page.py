@@ -23,9 +23,9 @@ from helpers.servers import free_port, wait_until
 from prometheus_client import CollectorRegistry
 
 from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
-from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 
 CHROMIUM = os.environ.get("NETWATCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

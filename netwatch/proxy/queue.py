@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from netwatch.errors import QueueError, QueueFullError, QueueKeyError
+from netwatch.errors import QueueError, QueueFileMissingError, QueueFullError, QueueKeyError
 from netwatch.proxy.crypto import Sealer
 from netwatch.proxy.queue_writer import (
     GroupWriter,
@@ -189,7 +189,7 @@ class DurableQueue:
 
     def _open_files(self) -> None:
         if not self._create and not self.path.exists():
-            raise QueueError(f"{self.path}: no queue file there")
+            raise QueueFileMissingError(f"{self.path}: no queue file there")
         wconn = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
