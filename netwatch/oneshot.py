@@ -193,7 +193,15 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
         _render_proxy(console, data)
         return
     table = Table(
-        "target", "type", "state", f"since ({zone_name})", "latency", "loss", "last error"
+        "target",
+        "type",
+        "state",
+        "since",
+        "latency",
+        "loss",
+        "last error",
+        caption=f"times in {zone_name}",
+        caption_justify="left",
     )
     for t in data.get("targets", []):
         last = t.get("last") or {}
@@ -221,7 +229,9 @@ def _render_proxy(console: Console, data: dict[str, Any]) -> None:
         waiting = proxy.get("backlog", queue.get("depth", 0))
         console.print(
             f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')}) "
-            f"since {_local(proxy.get('since'), zone)} ({zone_name})  "
+            f"since {_local(proxy.get('since'), zone)} ({zone_name})"
+        )
+        console.print(
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )

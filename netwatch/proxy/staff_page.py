@@ -69,13 +69,13 @@ def staff_page(data_url: str) -> Handler:
 def public_status(status: dict[str, Any]) -> dict[str, Any]:
     """What the page needs of the proxy's status, and nothing else."""
     queue = status.get("queue") or {}
-    return {
-        "mode": status.get("mode"),
-        "since": status.get("since"),
-        "backlog": status.get("backlog"),
-        "queue": {key: queue.get(key) for key in ("depth", "oldest_age_s", "dead", "in_doubt")},
-        "in_doubt": status.get("in_doubt"),
-        "last_delivered_at": status.get("last_delivered_at"),
-        "checked_at": status.get("checked_at"),
-        "site": status.get("site"),
+    public = {
+        key: status.get(key)
+        for key in ("mode", "since", "backlog", "last_delivered_at", "checked_at", "site")
     }
+    public["queue"] = {
+        key: queue[key] for key in ("depth", "oldest_age_s", "dead", "in_doubt") if key in queue
+    }
+    if "in_doubt" in status:
+        public["in_doubt"] = status["in_doubt"]
+    return public
