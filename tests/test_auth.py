@@ -129,6 +129,13 @@ async def test_without_a_token_everything_stays_open(tmp_path: Path) -> None:
             assert (await get(f"{proxy.url}{path}"))[0] == 200, path
         _, _, page = await get(f"{proxy.url}/_netwatch/")
         assert '"/_netwatch/status"' in page
+        # Typed without the slash (and never forwarded upstream): the page.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{proxy.url}/_netwatch?lang=en", allow_redirects=False) as response,
+        ):
+            assert response.status == 302
+            assert response.headers["Location"] == "/_netwatch/?lang=en"
 
 
 def start_prometheus(

@@ -101,12 +101,18 @@ async def station(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Stati
                     await task
 
 
-async def post_application(proxy: StationProxy, seq: int) -> tuple[int, dict[str, Any]]:
+async def post_application(
+    proxy: StationProxy, seq: int, *, invalid: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """One application; the simulator refuses (422) one marked invalid."""
+    body: dict[str, Any] = {"station": "counter-1", "seq": seq}
+    if invalid:
+        body["invalid"] = True
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             f"{proxy.url}/api/applications",
-            json={"station": "counter-1", "seq": seq},
+            json=body,
             headers={"Netwatch-Order-Key": "counter-1"},
         ) as response,
     ):
@@ -211,6 +217,8 @@ async def test_staff_page_in_english_when_asked(tmp_path: Path) -> None:
         relay.mode = "refuse"
         status, answer = await post_application(proxy, 1)
         assert status == 202, answer
+        status, refused = await post_application(proxy, 2, invalid=True)
+        assert status == 202, refused
         await page.goto(f"{proxy.url}/_netwatch/?lang=en")
         await mode_shown(page, "offline")
         colour = await screenshot_colour(page, tmp_path / "offline-en.png")
@@ -219,6 +227,27 @@ async def test_staff_page_in_english_when_asked(tmp_path: Path) -> None:
         assert "applications are kept and will be sent automatically" in body
         assert "Applications waiting" in body
         assert "Waiting to be sent" in await look_up(page, answer["ticket"])
+        assert await page.inner_text("#operator") == "0"
+
+        # Back online, the database refuses the invalid one: a dead letter for a technician.
+        relay.mode = "pass"
+        await mode_shown(page, "online", timeout=60)
+
+        async def technician_called() -> str:
+            return str(await page.inner_text("#operator-note"))
+
+        note = await wait_until(
+            lambda: _contains(technician_called, "1 refused or expired"), timeout=20
+        )
+        assert note.startswith("Call the technician")
+        assert await page.inner_text("#operator") == "1"
+        assert "Could not be sent" in await look_up(page, refused["ticket"])
+        assert "Sent successfully" in await look_up(page, answer["ticket"])
+
+
+async def _contains(read: Any, words: str) -> str:
+    value = str(await read())
+    return value if words in value else ""
 
 
 async def test_staff_page_works_when_the_status_needs_a_token(tmp_path: Path) -> None:

@@ -184,7 +184,8 @@ class ProxyServer:
         return web.json_response(public_status(self._core.status()))
 
     async def _to_page(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound(request.rel_url.with_path("/_netwatch/"))
+        query = request.rel_url.raw_query_string
+        raise web.HTTPFound("/_netwatch/" + (f"?{query}" if query else ""))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         if await self._core.healthy():
