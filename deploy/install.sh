@@ -49,8 +49,12 @@ install -d -m 0755 "$share" "$PREFIX/share/doc/netwatch"
 install -d -m 0755 "$share/config"
 cp -r "$SRC/config/." "$share/config/"
 for doc in "$SRC"/docs/*.md "$SRC/README.md" "$SRC"/README.*.md; do
-	[ -f "$doc" ] && install -m 0644 "$doc" "$PREFIX/share/doc/netwatch/"
+	if [ -f "$doc" ]; then install -m 0644 "$doc" "$PREFIX/share/doc/netwatch/"; fi
 done
+if [ -d "$SRC/docs/images" ]; then
+	install -d -m 0755 "$PREFIX/share/doc/netwatch/images"
+	install -m 0644 "$SRC"/docs/images/* "$PREFIX/share/doc/netwatch/images/"
+fi
 
 # 3. The command on PATH.
 if [ -n "$BINDIR" ]; then
