@@ -165,6 +165,15 @@ async def test_staff_page_follows_the_link_down_and_back(tmp_path: Path) -> None
     ):
         requests: list[str] = []
         page.on("request", lambda request: requests.append(request.url))
+        # Script errors, and anything the page's Content-Security-Policy had to block.
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on(
+            "console",
+            lambda message: (
+                problems.append(message.text) if "Content Security Policy" in message.text else None
+            ),
+        )
         await page.goto(f"{proxy.url}/_netwatch/")
 
         await mode_shown(page, "online")
@@ -207,6 +216,7 @@ async def test_staff_page_follows_the_link_down_and_back(tmp_path: Path) -> None
         assert await page.inner_text("#last-sent") != "Chưa có"
         assert "Đã gửi thành công" in await look_up(page, tickets[-1])
 
+        assert not problems, problems
         origin = urlsplit(proxy.url).netloc
         assert requests
         assert all(urlsplit(url).netloc == origin for url in requests), requests
