@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.units import parse_duration
+from netwatch.config.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "README.vi.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -14,10 +14,10 @@ from helpers.relay import FaultRelay
 from helpers.servers import free_port, wait_until
 from prometheus_client import CollectorRegistry
 
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
 
 @asynccontextmanager
