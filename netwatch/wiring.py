@@ -169,6 +169,8 @@ class Extras:
                     daemon.is_peak,
                     key,
                     clock=daemon.clock,
+                    site_name=daemon.config.site.name,
+                    timezone=daemon.config.site.timezone,
                 )
             )
         elif daemon.role == "site":

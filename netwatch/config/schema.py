@@ -241,6 +241,8 @@ class Link(Frozen):
 
 class Metrics(Frozen):
     listen: Listen = "127.0.0.1:9108"
+    # Bearer token for /metrics and /api/v1/status (``${ENV}`` recommended); none: open.
+    token: OptionalText = None
 
 
 class Scheduler(Frozen):
@@ -310,6 +312,8 @@ class Proxy(Frozen):
     queue_after: Duration = 2.0
     request_timeout: Duration = 30.0
     ca_file: OptionalText = None
+    # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
+    admin_token: OptionalText = None
 
 
 class Config(Frozen):
