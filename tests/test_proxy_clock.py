@@ -17,8 +17,8 @@ import pytest
 from helpers.daemon import eventually, free_tcp_port
 from helpers.stations import ProxyProcess, proxy_config
 
+from netwatch.demo.simulator import PopulationSimulator
 from netwatch.proxy.queue import DurableQueue, NewEntry
-from netwatch.simulator import PopulationSimulator
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_h
             sim.set_outage(False)
 
             async def replay_refused() -> bool:
-                return any(r.status == 503 for r in sim.receipts)
+                return any(r.status == 503 for r in sim.exchanges)
 
             await eventually(replay_refused, 20, "the replay refused once")
             proxy.step_to("-3600")  # during the retry wait (1.5 s to 3 s)

@@ -19,7 +19,7 @@ import pytest
 from helpers.daemon import eventually, free_tcp_port
 from helpers.stations import ProxyProcess, proxy_config
 
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,7 @@ async def test_retried_dead_letters_are_not_overtaken_by_new_writes(tmp_path: Pa
             assert len(order) == len(set(order)), "a write was applied twice"
             # Exactly once as the upstream *received* it: nothing is sent again once applied.
             applied_at: dict[str | None, float] = {}
-            for receipt in sim.receipts:
+            for receipt in sim.exchanges:
                 key = receipt.idempotency_key
                 assert key not in applied_at, f"{key} received again after it was applied"
                 if 200 <= receipt.status < 300:

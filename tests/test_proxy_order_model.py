@@ -43,11 +43,11 @@ from hypothesis.stateful import (
 )
 from prometheus_client import CollectorRegistry
 
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import Exchange, PopulationSimulator, SimulatorSettings
 from netwatch.events import EventHub
 from netwatch.proxy.queue import DurableQueue
 from netwatch.proxy.station import StationProxy
-from netwatch.simulator import PopulationSimulator, Receipt, SimulatorSettings
 
 T = TypeVar("T")
 ORDER_KEYS = ("a", "b")
@@ -254,8 +254,8 @@ class OrderMachine(RuleBasedStateMachine):
         marked every one of them dead (bounded wait): a retry now surely puts them back."""
         deadline = time.monotonic() + 10
         while True:
-            receipts = self.sim.receipts
-            last: dict[str, Receipt] = {}
+            receipts = self.sim.exchanges
+            last: dict[str, Exchange] = {}
             for r in receipts:
                 if r.idempotency_key is not None:
                     last[r.idempotency_key] = r
@@ -274,7 +274,7 @@ class OrderMachine(RuleBasedStateMachine):
 
     @invariant()
     def order_and_exactly_once_hold(self) -> None:
-        check(self.model, self.sim.receipts)
+        check(self.model, self.sim.exchanges)
 
     def teardown(self) -> None:
         try:
@@ -282,7 +282,7 @@ class OrderMachine(RuleBasedStateMachine):
                 self.link_flips()
             self.sim.control(reject_next=0)
             self._drain()
-            check(self.model, self.sim.receipts)
+            check(self.model, self.sim.exchanges)
         finally:
             self.lt.run(self.running.stop())
             self.lt.run(self.session.close())
@@ -304,7 +304,7 @@ class OrderMachine(RuleBasedStateMachine):
             # Gone from the file without being applied: only an operator's purge may do that.
             gone = {k for k in open_ if k not in states}
             for key in gone:
-                refused = [r.at for r in self.sim.receipts if r.idempotency_key == key]
+                refused = [r.at for r in self.sim.exchanges if r.idempotency_key == key]
                 vanished = f"{key} vanished from the queue without being applied or purged"
                 assert refused, vanished
                 assert any(end > min(refused) for _, end in self.model.purges), vanished
@@ -314,8 +314,8 @@ class OrderMachine(RuleBasedStateMachine):
             time.sleep(0.05)
 
 
-def check(model: Model, receipts: list[Receipt]) -> None:
-    by_key: dict[str, list[Receipt]] = {}
+def check(model: Model, receipts: list[Exchange]) -> None:
+    by_key: dict[str, list[Exchange]] = {}
     for r in receipts:
         assert r.idempotency_key is not None
         by_key.setdefault(r.idempotency_key, []).append(r)
@@ -323,7 +323,7 @@ def check(model: Model, receipts: list[Receipt]) -> None:
     _check_order(model, by_key)
 
 
-def _check_exactly_once(model: Model, by_key: dict[str, list[Receipt]]) -> None:
+def _check_exactly_once(model: Model, by_key: dict[str, list[Exchange]]) -> None:
     for key, got in by_key.items():
         write = model.writes[key]
         if write.status == 422:
@@ -339,7 +339,7 @@ def _check_exactly_once(model: Model, by_key: dict[str, list[Receipt]]) -> None:
         )
 
 
-def _check_order(model: Model, by_key: dict[str, list[Receipt]]) -> None:
+def _check_order(model: Model, by_key: dict[str, list[Exchange]]) -> None:
     for y in model.writes.values():
         y_got = by_key.get(y.key)
         if not y_got:

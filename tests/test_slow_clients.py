@@ -25,9 +25,9 @@ from helpers.daemon import eventually, free_tcp_port
 from helpers.stations import ProxyProcess, proxy_config
 from test_proxy import make_settings, running
 
+from netwatch.demo.simulator import PopulationSimulator
 from netwatch.logs import RepeatFilter, RepeatLimit
 from netwatch.proxy.station import StationProxy
-from netwatch.simulator import PopulationSimulator
 
 HEAD = b"POST /api/applications HTTP/1.1\r\nHost: proxy\r\n"
 # More than fit under `ulimit -n 1024` with the proxy's own descriptors: without a cap the
@@ -100,7 +100,7 @@ async def test_slow_headers_idle_keepalive_and_slow_bodies_are_timed_out(tmp_pat
         assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
         assert b'"body_timeout"' in answer
         assert 0.8 <= took <= 8.0
-        assert sim.receipts == []  # nothing half-received went upstream
+        assert sim.exchanges == []  # nothing half-received went upstream
 
 
 async def test_a_station_gets_in_when_slow_connections_fill_the_cap(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, FileTime, SystemClock
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
 from netwatch.errors import QueueError
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
@@ -114,9 +114,13 @@ class StationProxy:
         *,
         clock: Clock | None = None,
         replay_concurrency: int = 32,
+        site_name: str = "",
+        timezone: str = "Asia/Ho_Chi_Minh",
     ) -> None:
         self.settings = settings
         self.site_id = site_id
+        self._site = {"id": site_id, "name": site_name, "timezone": timezone}
+        self._last_delivered: float | None = None
         self.hub = hub
         self.metrics = ProxyMetrics(registry, site_id)
         self._registry = registry
@@ -174,6 +178,7 @@ class StationProxy:
                 raise QueueError(f"{self._queue.path}: cannot watch the queue: {exc}") from exc
             stack.callback(self._watch.close)
             self._depth = self._watch.refresh(force=True) or 0
+            self._last_delivered = await self._queue.last_delivered_at()
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
@@ -355,6 +360,8 @@ class StationProxy:
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
         lag = now - entry.queued_at if outcome == "delivered" else None
         self.metrics.replayed(outcome, lag)
+        if outcome == "delivered":
+            self._last_delivered = now
         if outcome != "retried":
             self._settled(1)
 
@@ -493,4 +500,7 @@ class StationProxy:
                 "refused": self._limits.refused,
             },
             "checked_at": iso(self._clock.now().timestamp()),
+            "site": self._site,
+            # The last replayed entry delivered (forwards online are not entries).
+            "last_delivered_at": iso(self._last_delivered),
         }
