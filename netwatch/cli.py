@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import click
+import structlog
 
 from netwatch import __version__
 from netwatch.errors import ConfigError, NetwatchError, UsageError
 from netwatch.logs import configure_logging
+from netwatch.words import plural
 
 
 class _State:
@@ -59,12 +61,33 @@ config_option = click.option(
 )
 
 
+def _raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every station connection, upstream
+    connection and probe holds a descriptor, and services often start with a soft 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, _NOFILE_WHEN_UNLIMITED)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # e.g. above the kernel's nr_open: keep the soft one
+        structlog.get_logger("netwatch").warning("open_file_limit_kept", soft=soft, error=str(exc))
+        return
+    structlog.get_logger("netwatch").info("open_file_limit_raised", soft=soft, to=target)
+
+
+_NOFILE_WHEN_UNLIMITED = 1 << 20
+
+
 @cli.command()
 @config_option
 def run(config_path: Path) -> None:
     """Run the site daemon: probes, link states, metrics, MQTT, and the proxy if configured."""
     from netwatch.daemon import run_daemon
 
+    _raise_open_file_limit()
     asyncio.run(run_daemon(config_path, role="site"))
 
 
@@ -77,19 +100,28 @@ def proxy(config_path: Path) -> None:
 
     if load_config(config_path).proxy is None:
         raise ConfigError(f"{config_path}: proxy: section missing; `netwatch proxy` needs it")
+    _raise_open_file_limit()
     asyncio.run(run_daemon(config_path, role="proxy"))
 
 
 @cli.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(path: Path) -> None:
-    """Validate a config file: exit 0, or 2 with one line per problem."""
+@click.option(
+    "--skip-files",
+    is_flag=True,
+    help="Do not check the files it names (CA, certificates, key, queue): for a config "
+    "checked away from its site.",
+)
+def check_config(path: Path, skip_files: bool) -> None:
+    """Validate a config file and the files it names: exit 0, or 2 with one line per problem."""
+    from netwatch.config.files import check_files
     from netwatch.config.schema import load_config
 
     config = load_config(path)
+    if not skip_files:
+        check_files(config, path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
-    count = len(config.targets)
-    click.echo(f"{path}: ok ({count} target{'' if count == 1 else 's'}{extra})")
+    click.echo(f"{path}: ok ({plural(len(config.targets), 'target')}{extra})")
 
 
 @cli.command()
@@ -165,7 +197,13 @@ def probe(
 )
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
+@click.option(
+    "--token",
+    envvar="NETWATCH_TOKEN",
+    default=None,
+    help="Bearer token (metrics.token or proxy.admin_token) [env: NETWATCH_TOKEN].",
+)
+def status(url: str | None, config_path: Path | None, as_json: bool, token: str | None) -> None:
     """Show link states, proxy mode and queue depth of a running daemon."""
     from netwatch.oneshot import fetch_status, render_status
 
@@ -174,10 +212,12 @@ def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
         if config_path is not None:
             from netwatch.config.schema import load_config
 
-            listen = load_config(config_path).metrics.listen
+            config = load_config(config_path)
+            listen = config.metrics.listen
+            token = token or config.metrics.token
         host, _, port = listen.rpartition(":")
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
-    data = fetch_status(url)
+    data = fetch_status(url, token=token or None)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -238,6 +278,69 @@ def keygen(path: Path) -> None:
 
     generate_key_file(path)
     click.echo(f"{path}: key written (keep it safe: queued entries cannot be read without it)")
+
+
+@cli.command()
+@click.option("--site", "site_id", required=True, help="Site id, e.g. q1-ben-nghe.")
+@click.option("--name", required=True, help='Site name, e.g. "UBND phường Bến Nghé".')
+@click.option("--upstream", required=True, help="The population database API's base URL.")
+@click.option("--district", default="", help="District label (city view).")
+@click.option("--isp", default="", help="ISP label (city view).")
+@click.option("--timezone", default="Asia/Ho_Chi_Minh", show_default=True)
+@click.option(
+    "--queue",
+    "queue_path",
+    default="/var/lib/netwatch/queue.db",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Queue file; its key is made beside it (queue.key).",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default="/etc/netwatch/netwatch.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the config.",
+)
+@click.option(
+    "--listen", default="0.0.0.0:8080", show_default=True, help="Where stations reach the proxy."
+)
+@click.option("--metrics-listen", default="127.0.0.1:9108", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing config (never a key).")
+def init(
+    site_id: str,
+    name: str,
+    upstream: str,
+    district: str,
+    isp: str,
+    timezone: str,
+    queue_path: Path,
+    config_path: Path,
+    listen: str,
+    metrics_listen: str,
+    force: bool,
+) -> None:
+    """Write a site's first config and its queue key."""
+    from netwatch.siteinit import SiteAnswers, write_site
+
+    answers = SiteAnswers(
+        site_id=site_id,
+        name=name,
+        upstream=upstream,
+        district=district,
+        isp=isp,
+        timezone=timezone,
+        queue=queue_path,
+        proxy_listen=listen,
+        metrics_listen=metrics_listen,
+    )
+    written = write_site(answers, config_path, force=force)
+    key = "written" if written.key_created else "kept (it already existed)"
+    click.echo(f"{written.config_path}: config written for site {written.config.site.id}")
+    click.echo(f"{written.key_path}: queue key {key}; back it up (docs/install.md)")
+    click.echo(f"next: netwatch check-config {written.config_path}")
 
 
 def _attach_queue() -> None:

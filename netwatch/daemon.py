@@ -139,7 +139,10 @@ class Daemon:
                 await self.extras.enter(stack)
                 if self.role == "site":
                     app = build_app(
-                        self.registry, self.status, (self.metrics.targets, self.time_series)
+                        self.registry,
+                        self.status,
+                        (self.metrics.targets, self.time_series),
+                        token=self.config.metrics.token,
                     )
                     await stack.enter_async_context(serve(app, self.config.metrics.listen))
                     log.info(
@@ -200,6 +203,9 @@ class Daemon:
 
 
 async def run_daemon(config_path: Path, *, role: Role = "site") -> None:
+    from netwatch.config.files import check_files  # noqa: PLC0415 - start-up only
+
     config = load_config(config_path)
+    check_files(config, config_path)
     daemon = Daemon(config, config_path=config_path, role=role)
     await daemon.run()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, tzinfo
+from datetime import datetime
 from typing import Any
 from urllib.error import HTTPError, URLError
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rich import box
@@ -124,60 +124,88 @@ def render_result(result: ProbeResult, console: Console | None = None) -> None:
             console.print(f"  {key}: {value}")
 
 
-def _get_json(endpoint: str, timeout: float) -> dict[str, Any]:
-    with urlopen(endpoint, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
+def _get_json(endpoint: str, timeout: float, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = Request(endpoint, headers=headers)  # noqa: S310 - the operator's own URL
+    with urlopen(request, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
         data: dict[str, Any] = json.load(resp)
         return data
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def _refused(endpoint: str, exc: HTTPError, token: str | None) -> DaemonError:
+    if exc.code == 401:
+        hint = "the token was refused" if token else "it needs a token: --token or NETWATCH_TOKEN"
+        return DaemonError(f"{endpoint} answered 401 Unauthorized: {hint}")
+    return DaemonError(f"{endpoint} answered {exc.code} {exc.reason}")
+
+
+def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
     """The status of a site daemon, or of a stand-alone ``netwatch proxy`` (which has only
-    its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets)."""
+    its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets).
+    ``token``: the bearer token (``metrics.token`` or ``proxy.admin_token``)."""
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--url {url!r}: expected the daemon's http://HOST:PORT")
     base = url.rstrip("/")
     endpoint = base + "/api/v1/status"
     try:
-        return _get_json(endpoint, timeout)
+        return _get_json(endpoint, timeout, token)
     except HTTPError as exc:
         if exc.code != 404:
-            raise DaemonError(f"{endpoint} answered {exc.code} {exc.reason}") from None
+            raise _refused(endpoint, exc, token) from None
     except (URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DaemonError(f"cannot reach the daemon at {endpoint}: {reason}") from None
+    endpoint = base + "/_netwatch/status"
     try:
-        proxy = _get_json(base + "/_netwatch/status", timeout)
+        proxy = _get_json(endpoint, timeout, token)
+    except HTTPError as exc:
+        if exc.code == 401:
+            raise _refused(endpoint, exc, token) from None
+        raise DaemonError(f"{url} is neither a netwatch daemon nor a station proxy") from exc
     except (URLError, OSError, ValueError) as exc:
         raise DaemonError(f"{url} is neither a netwatch daemon nor a station proxy") from exc
     return {"site": {"id": "(station proxy)"}, "role": "proxy", "targets": [], "proxy": proxy}
 
 
-def _site_zone(data: dict[str, Any]) -> tzinfo | None:
+def _zone(data: dict[str, Any]) -> tuple[ZoneInfo | None, str]:
+    """The site's time zone, from the daemon's or the proxy's status; local time without."""
+    name = (data.get("site") or {}).get("timezone") or (
+        (data.get("proxy") or {}).get("site") or {}
+    ).get("timezone")
     try:
-        return ZoneInfo(data.get("site", {}).get("timezone") or "UTC")
+        return (ZoneInfo(name), name) if name else (None, "local time")
     except (ZoneInfoNotFoundError, ValueError):
-        return None
+        return None, "local time"
 
 
-def _when(iso: str | None, zone: tzinfo | None, *, full: bool = False) -> str:
-    """A time from the status in the site's timezone, short enough for a table column:
-    the time of day when it is today, else month-day and minutes."""
+def _local(iso: str | None, zone: ZoneInfo | None) -> str:
+    """An ISO time from the daemon as ``YYYY-MM-DD HH:MM:SS`` in the site's time zone."""
+    if not iso:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(iso: str | None, zone: ZoneInfo | None) -> str:
+    """A time for a table column, short enough for an 80-column terminal: the time of day
+    in the site's time zone when it is today there, else month-day and minutes."""
     if not iso:
         return "-"
     try:
         at = datetime.fromisoformat(iso).astimezone(zone)
     except ValueError:
-        return iso[:19]
-    if full:
-        return at.strftime("%Y-%m-%d %H:%M:%S")
+        return iso
     same_day = at.date() == datetime.now(at.tzinfo).date()
     return at.strftime("%H:%M:%S" if same_day else "%m-%d %H:%M")
 
 
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
+    zone, zone_name = _zone(data)
     site = data.get("site", {})
-    zone = _site_zone(data)
     if "version" in data:
         peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
         console.print(
@@ -195,7 +223,14 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
         _render_proxy(console, data)
         return
     # Light borders and unwrapped columns: the whole table fits an 80-column terminal.
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        caption=f"times in {zone_name}",
+        caption_justify="left",
+    )
     for header in ("target", "type", "role", "state", "since", "latency", "loss"):
         table.add_column(header, no_wrap=True)
     table.add_column("error", overflow="fold")  # of the last probe
@@ -208,7 +243,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             t.get("type"),
             t.get("role", "service"),
             f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
-            _when(t.get("since"), zone),
+            _short(t.get("since"), zone),
             "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
             "-" if loss is None else f"{loss:.0%}",
             last.get("error") or "",
@@ -230,9 +265,7 @@ def _render_fault(console: Console, data: dict[str, Any]) -> None:
         return
     domain = fault.get("domain", "none")
     style = "green" if domain == "none" else "bold red"
-    line = (
-        f"fault [{style}]{domain}[/] since {_when(fault.get('since'), _site_zone(data), full=True)}"
-    )
+    line = f"fault [{style}]{domain}[/] since {_local(fault.get('since'), _zone(data)[0])}"
     if domain != "none":
         line += f" ({fault.get('reason', '')})"
     if fault.get("degraded", "none") not in ("none", domain):
@@ -243,11 +276,15 @@ def _render_fault(console: Console, data: dict[str, Any]) -> None:
 def _render_proxy(console: Console, data: dict[str, Any]) -> None:
     proxy = data.get("proxy")
     if proxy:
+        zone, zone_name = _zone(data)
         mode = proxy.get("mode", "?")
         queue = proxy.get("queue") or {}
         waiting = proxy.get("backlog", queue.get("depth", 0))
         console.print(
-            f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')})  "
+            f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')}) "
+            f"since {_local(proxy.get('since'), zone)} ({zone_name})"
+        )
+        console.print(
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )

@@ -478,10 +478,10 @@ def test_parse_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatc
 # --- netwatch check-config ----------------------------------------------------------------
 
 
-def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+def _check_config(path: Path, *options: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETWATCH_")}
     return subprocess.run(
-        [sys.executable, "-m", "netwatch", "check-config", str(path)],
+        [sys.executable, "-m", "netwatch", "check-config", str(path), *options],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -492,7 +492,8 @@ def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_accepts_the_example() -> None:
-    result = _check_config(EXAMPLE)
+    # Its CA and certificate paths are a site's, not this machine's.
+    result = _check_config(EXAMPLE, "--skip-files")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{EXAMPLE}: ok (7 targets")
     assert result.stderr == ""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from netwatch.errors import QueueError, QueueFullError, QueueKeyError
+from netwatch.errors import QueueError, QueueFileMissingError, QueueFullError, QueueKeyError
 from netwatch.proxy.crypto import Sealer
 from netwatch.proxy.queue_writer import (
     GroupWriter,
@@ -189,7 +189,7 @@ class DurableQueue:
 
     def _open_files(self) -> None:
         if not self._create and not self.path.exists():
-            raise QueueError(f"{self.path}: no queue file there")
+            raise QueueFileMissingError(f"{self.path}: no queue file there")
         wconn = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +368,33 @@ class DurableQueue:
         params = (now, now, entry_id, entry_id)
         return await self._write(lambda txn: self._update(txn, sql, params))
 
+    async def shift_times(self, seconds: float) -> int:
+        """The wall clock stepped by ``seconds``: move the times of entries that may still
+        be sent, so that a retry wait keeps what was left of it and a forward step does not
+        age anything. A backward step leaves ``age_from`` alone: a clock step may delay an
+        expiry, never bring it forward. Returns the entries moved."""
+        sql = (
+            "UPDATE entries SET next_attempt_at = next_attempt_at + ?,"
+            " queued_at = queued_at + ?, age_from = age_from + ?"
+            " WHERE state NOT IN ('delivered', 'dead')"
+        )
+        params = (seconds, seconds, max(0.0, seconds))
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def clamp_future(self, *, now: float, max_wait: float) -> int:
+        """At start, with no monotonic clock shared with the last run: a time in the future
+        means the wall clock went back while the proxy was stopped. Such an entry counts as
+        queued now, and waits at most ``max_wait``. Returns the entries changed."""
+        latest = now + max_wait
+        sql = (
+            "UPDATE entries SET age_from = MIN(age_from, ?), queued_at = MIN(queued_at, ?),"
+            " next_attempt_at = MIN(next_attempt_at, ?)"
+            " WHERE state NOT IN ('delivered', 'dead')"
+            " AND (age_from > ? OR queued_at > ? OR next_attempt_at > ?)"
+        )
+        params = (now, now, latest, now, now, latest)
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
     async def purge_dead(self) -> int:
         sql = "DELETE FROM entries WHERE state = 'dead'"
         return await self._write(lambda txn: self._update(txn, sql, ()))
@@ -403,6 +430,17 @@ class DurableQueue:
                 dead=dead,
                 accounted_bytes=used,
             )
+
+        return await self._read(run)
+
+    async def last_delivered_at(self) -> float | None:
+        """When the most recently delivered entry was delivered (None: none kept)."""
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MAX(delivered_at) FROM entries WHERE state = 'delivered'"
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
 
         return await self._read(run)
 
