@@ -15,7 +15,8 @@ until the overall deadline. Two transports (``probes._trace``), picked by ``prot
     routers' "time exceeded" and the destination's "port unreachable" come back on the
     socket's error queue, with the address of the sender. Needs no privilege (Linux).
 ``auto``
-    ``icmp`` when running as root, else ``udp``.
+    ``icmp`` when the process may open raw sockets (root, or CAP_NET_RAW as the installed
+    systemd unit grants it), else ``udp``.
 
 The result's ``details`` carry ``probes_sent`` (packets of the whole trace), the hops
 (``hop``, ``address``, ``addresses``, ``sent``, ``received``, ``loss``, ``rtt_avg`` /
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +43,7 @@ import icmplib
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._trace import Answer, IcmpTransport, Reply, Transport, UdpTransport
 from probes._util import classify, failure, literal_address, resolve
+from probes.icmp import has_net_raw
 
 Protocol_ = Literal["auto", "icmp", "udp"]
 
@@ -214,7 +215,7 @@ class PathProbe:
 
     def _protocol(self) -> Literal["icmp", "udp"]:
         if self.protocol == "auto":
-            return "icmp" if os.geteuid() == 0 else "udp"
+            return "icmp" if has_net_raw() else "udp"
         return self.protocol
 
     async def run(self, timeout: float) -> ProbeResult:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -431,3 +435,18 @@ async def test_the_series_of_a_path_target_removed_by_a_reload_disappear() -> No
             assert registry.get_sample_value(name, key) is None, name
         assert registry.get_sample_value("netwatch_target_info", info) is None
         assert registry.get_sample_value("netwatch_path_hop_loss_ratio", key | {"hop": "1"}) is None
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv")
+def test_auto_traces_with_icmp_when_a_service_user_holds_cap_net_raw() -> None:
+    # How deploy/netwatch.service runs it: a plain user with CAP_NET_RAW as ambient capability.
+    assert SETPRIV is not None
+    as_service = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    as_service += ["--inh-caps=+net_raw", "--ambient-caps=+net_raw"]
+    argv = [*as_service, sys.executable, "-m", "netwatch", "probe", "path", "127.0.0.1", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["details"]["protocol"] == "icmp"
