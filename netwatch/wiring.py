@@ -201,13 +201,14 @@ class Extras:
         for section in ("proxy", "mqtt", "notify"):
             if getattr(old, section) != getattr(config, section):
                 log.warning("config_section_needs_restart", section=section)
-        if self.bridge is not None:
-            if old.site != config.site:
-                self.bridge.publish_labels(site_labels(config))
-            kept = {t.name for t in config.targets}
-            for target in old.targets:
-                if target.name not in kept:
+        if self.bridge is not None and old.site != config.site:
+            self.bridge.publish_labels(site_labels(config))
+        kept = {t.name for t in config.targets}
+        for target in old.targets:
+            if target.name not in kept:
+                if self.bridge is not None:
                     self.bridge.forget_link(target.name)
+                self._send_alerts(self.alerts.forget(target.name, self._daemon.clock.now()))
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -347,10 +347,10 @@ async def test_a_target_removed_by_a_reload_leaves_no_retained_link_state(tmp_pa
         "metrics": {"listen": f"127.0.0.1:{free_tcp_port()}"},
         "targets": [{"name": "gone", **down}, {"name": "kept", **down}],
     }
-    links = f"{prefix}/s1/link"
+    links, alerts = f"{prefix}/s1/link", f"{prefix}/s1/alerts"
     async with run_mosquitto(tmp_path) as broker:
         config["mqtt"] = {"url": broker.url, "prefix": prefix}
-        async with run_daemon(tmp_path, config) as daemon, watch(broker, f"{links}/#") as sub:
+        async with run_daemon(tmp_path, config) as daemon, watch(broker, f"{prefix}/#") as sub:
             for name in ("gone", "kept"):
                 await sub.wait_for(
                     lambda n=name: (sub.latest(f"{links}/{n}") or {}).get("state") == "down",
@@ -362,6 +362,21 @@ async def test_a_target_removed_by_a_reload_leaves_no_retained_link_state(tmp_pa
             daemon.signal(signal.SIGHUP)
             # An empty retained message is how MQTT deletes a retained state.
             await sub.wait_for(lambda: sub.latest(f"{links}/gone") == b"", 20, "gone cleared")
+            # Its LinkDown page is closed too: nothing else would ever resolve it.
+            resolved = await sub.wait_for(
+                lambda: [
+                    m.payload
+                    for m in sub.on(alerts)
+                    if (m.payload["target"], m.payload["status"]) == ("gone", "resolved")
+                ],
+                20,
+                "LinkDown on gone resolved",
+            )
+            assert [a["alert"] for a in resolved] == ["LinkDown"]
+            assert not any(
+                (m.payload["target"], m.payload["status"]) == ("kept", "resolved")
+                for m in sub.on(alerts)
+            )
         async with watch(broker, f"{links}/#") as fresh:
             await fresh.wait_for(lambda: fresh.latest(f"{links}/kept"), 20, "kept, retained")
             await asyncio.sleep(0.5)  # retained messages arrive together right after subscribing

@@ -139,6 +139,16 @@ class AlertState:
             )
         return out
 
+    def forget(self, target: str, now: datetime) -> list[AlertEvent]:
+        """A target removed from the config: nothing would ever clear its open alerts, so
+        they are resolved now (a receiver must not keep a page open for it forever)."""
+        out: list[AlertEvent] = []
+        for key in [k for k in self._active if k[1] == target]:
+            active = self._active.pop(key)
+            active.cleared_at = active.cleared_at or now
+            out.append(self._event(key, "resolved", active.cleared_at, active))
+        return out
+
     def tick(self, now: datetime) -> list[AlertEvent]:
         """Resolve every alert that has stayed clear for ``hold_down`` seconds by ``now``."""
         hold = timedelta(seconds=self.policy.hold_down)
