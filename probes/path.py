@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -251,7 +252,14 @@ class PathProbe:
         # Not icmplib.is_ipv6_address: it takes anything with a colon ("host:80") for IPv6.
         literal = literal_address(self.host, 0)
         _, sockaddr = literal if literal is not None else await resolve(self.host, 0)
-        return str(sockaddr[0])
+        address = str(sockaddr[0])
+        if ":" in address:
+            # An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is an IPv4 path: its ICMP errors
+            # come back as IPv4 ones, which an IPv6 socket's error queue does not parse.
+            mapped = ipaddress.IPv6Address(address.split("%", 1)[0]).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+        return address
 
     def _open(self, protocol: str, address: str, version: int) -> Transport:
         if protocol == "icmp":

@@ -465,3 +465,9 @@ def test_auto_traces_with_icmp_when_a_service_user_holds_cap_net_raw() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["details"]["protocol"] == "icmp"
+
+
+async def test_an_ipv4_mapped_ipv6_address_is_traced_as_ipv4() -> None:
+    result = await PathProbe("::ffff:127.0.0.1", protocol="udp", rounds=1).run(2.0)
+    assert result.success, result
+    assert result.details["address"] == "127.0.0.1"
