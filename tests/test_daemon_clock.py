@@ -1,4 +1,5 @@
-"""Wall clock steps under a real ``netwatch run`` site daemon (libfaketime).
+"""Wall clock steps under the site daemon: the real ``netwatch run`` under libfaketime, and
+the monitor's outage accounting driven by the fake clock.
 
 The rule (docs/contract-notes.md, "Clock steps"): durations, holds and rates run on the
 monotonic clock; the wall clock only says *when* for humans (``since``) and whether it is
@@ -7,7 +8,8 @@ that follows, and nothing else: outage seconds count the time really spent down,
 backwards, and an alert's hold-down lasts ``hold_down`` seconds whichever way the clock
 jumped. Each test steps the daemon's clock while a link it probes (through a loopback fault
 relay) is down or in hold-down, and reads ``/metrics``, ``/api/v1/status`` and a loopback
-webhook.
+webhook. The pure tests at the end feed probe results to ``Monitor.observe`` with a
+``FakeClock`` whose wall clock steps.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ import pytest
 from helpers.daemon import DaemonProcess, eventually, free_tcp_port, write_config
 from helpers.faketime import WallClock
 from helpers.relay import FaultRelay
+from prometheus_client import CollectorRegistry
 from test_notify import Receiver, serve
 
-pytestmark = pytest.mark.slow
+from netwatch.clock import FakeClock
+from netwatch.config.schema import Config
+from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
+from netwatch.monitor.runner import Monitor, TargetRuntime, build_probe
+from netwatch.monitor.schedule import PeakSchedule
+from probes import ProbeResult
 
 TARGET = "popdb-gw"
 # Two hours and five minutes: far enough to land inside the peak window the config puts
@@ -61,9 +69,7 @@ async def stepped_daemon(
 ) -> AsyncIterator[DaemonProcess]:
     path = write_config(tmp_path / "netwatch.yaml", config)
     url = f"http://{config['metrics']['listen']}"
-    daemon = DaemonProcess(
-        ["run", "-c", str(path)], tmp_path / "netwatch.log", url, env=clock.env
-    )
+    daemon = DaemonProcess(["run", "-c", str(path)], tmp_path / "netwatch.log", url, env=clock.env)
     try:
         await daemon.wait_healthy(30)
         yield daemon
@@ -90,6 +96,7 @@ def alive(daemon: DaemonProcess) -> None:
     assert daemon.proc.poll() is None, f"daemon died:\n{daemon.log_path.read_text()[-3000:]}"
 
 
+@pytest.mark.slow
 async def test_forward_step_into_peak_moves_the_peak_label_but_adds_no_outage_time(
     tmp_path: Path, tcp_upstream: int
 ) -> None:
@@ -140,6 +147,7 @@ async def test_forward_step_into_peak_moves_the_peak_label_but_adds_no_outage_ti
             alive(daemon)
 
 
+@pytest.mark.slow
 async def test_backward_step_during_an_outage_keeps_counting_and_never_runs_the_counter_back(
     tmp_path: Path, tcp_upstream: int
 ) -> None:
@@ -185,6 +193,7 @@ async def _at_least(read: Any, floor: float) -> float | None:
     return value if value >= floor else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [-3600, 7200], ids=["back_1h", "forward_2h"])
 async def test_alert_hold_down_lasts_its_seconds_whichever_way_the_clock_steps(
     tmp_path: Path, tcp_upstream: int, step: int
@@ -223,3 +232,93 @@ async def test_alert_hold_down_lasts_its_seconds_whichever_way_the_clock_steps(
             assert "lasted -" not in resolved["summary"]
             assert "lasted" in resolved["summary"]
             alive(daemon)
+
+
+# --- pure: the monitor's outage accounting, fake clock ---------------------------------------
+
+# Monday 2026-11-23 06:00 UTC; peak hours 08:00-10:00 UTC every day.
+T0 = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
+
+
+class Site:
+    """A monitor with one target, fed probe verdicts by hand at fake-clock times."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock(T0)
+        self.config = Config.model_validate(
+            {
+                "site": {"id": "q1", "timezone": "UTC"},
+                "peak_hours": [{"days": ["mon-sun"], "start": "08:00", "end": "10:00"}],
+                "targets": [{"name": TARGET, "type": "tcp", "host": "127.0.0.1", "port": 9}],
+                "link": {"fail_after": 1, "recover_after": 1},
+            }
+        )
+        self.registry = CollectorRegistry()
+        metrics = MonitorMetrics(self.registry, "q1", "0")
+        schedule = PeakSchedule.from_config(self.config)
+        self.monitor = Monitor(self.config, clock=self.clock, schedule=schedule, metrics=metrics)
+        spec = self.config.targets[0]
+        self.rt = TargetRuntime(spec, build_probe(spec), 10.0, 1.0, metrics.children(TARGET, "tcp"))
+        self.monitor.targets[TARGET] = self.rt
+        self.registry.register(
+            TimeCollector(
+                "q1", lambda: schedule.is_peak(self.clock.now()), self.monitor.outage_totals
+            )
+        )
+
+    def probe(self, success: bool, after: float = 10.0) -> None:
+        self.clock.advance(after)
+        result = ProbeResult(type="tcp", target="x", success=success, latency=0.001)
+        self.monitor.observe(self.rt, result)
+
+    def outage(self) -> tuple[float, float]:
+        def get(peak: str) -> float:
+            labels = {"site": "q1", "target": TARGET, "type": "tcp", "peak": peak}
+            return self.registry.get_sample_value("netwatch_outage_seconds_total", labels) or 0.0
+
+        return get("false"), get("true")
+
+
+def test_outage_seconds_are_split_exactly_at_a_peak_boundary_without_steps() -> None:
+    site = Site()
+    site.probe(True, after=0)
+    site.probe(False, after=7140)  # 07:59 down
+    for _ in range(12):
+        site.probe(False)  # rounds every 10 s to 08:01
+    assert site.outage() == (60.0, 60.0)
+    site.probe(True)  # 08:01:10 up
+    assert site.outage() == (60.0, 70.0)
+
+
+def test_forward_step_during_an_outage_adds_no_seconds_and_moves_the_peak_label() -> None:
+    site = Site()
+    site.probe(True, after=0)
+    site.probe(False)  # 06:00:10 down, off-peak
+    site.probe(False)
+    assert site.outage() == (10.0, 0.0)
+    site.clock.step_wall(2 * 3600)  # now 08:00:20: peak
+    assert site.outage() == (10.0, 0.0)  # a scrape right after the step: nothing jumped
+    site.probe(False)  # this round's 10 s straddle the step: placed before it
+    site.probe(False)
+    site.probe(True)
+    assert site.outage() == (20.0, 20.0)
+
+
+def test_backward_step_during_an_outage_never_runs_the_counter_back() -> None:
+    site = Site()
+    site.probe(True, after=0)
+    site.probe(False, after=7200)  # 08:00:10 down, in peak
+    site.probe(False)
+    seen = site.outage()
+    assert seen == (0.0, 10.0)
+    site.clock.step_wall(-3600)  # 07:00:20: off-peak again
+    totals = [site.outage()]
+    for _ in range(3):
+        site.probe(False)
+        totals.append(site.outage())
+    site.probe(True)
+    totals.append(site.outage())
+    for before, after in zip([seen, *totals], totals, strict=False):
+        assert after[0] >= before[0], totals
+        assert after[1] >= before[1], totals
+    assert totals[-1] == (30.0, 20.0)
