@@ -131,6 +131,12 @@ async def test_forward_step_into_peak_moves_the_peak_label_but_adds_no_outage_ti
             # The outage lasted seconds, not the two hours the clock jumped.
             assert off + on <= really_down + 1.0, (off, on, really_down)
 
+            # The probe schedule runs on the monotonic clock: two hours ahead on the wall
+            # clock are not 36 000 missed rounds of 200 ms.
+            skipped = await daemon.value("netwatch_scheduler_skipped_total")
+            assert skipped is not None
+            assert skipped < 10
+
             relay.mode = "pass"
             await eventually(lambda: state_is(daemon, "up"), 20, "link back up")
             off_after, on_after = await outage(daemon)
