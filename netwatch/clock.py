@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -77,3 +78,17 @@ class FileTime:
         """Take the wall clock as it is now."""
         self._wall = self._clock.now().timestamp()
         self._mono = self._clock.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """One reading of both clocks, for pure state machines that take time as an argument:
+    ``wall`` says *when* (``since`` fields, peak hours), ``mono`` measures *how long*
+    (holds, hold-downs, durations). A step of the wall clock moves ``wall`` only."""
+
+    wall: datetime
+    mono: float
+
+    @classmethod
+    def of(cls, clock: Clock) -> Instant:
+        return cls(clock.now(), clock.monotonic())

@@ -22,6 +22,7 @@ import structlog
 
 from netwatch import __version__
 from netwatch.alerting.alerts import AlertEvent, AlertPolicy, AlertState
+from netwatch.clock import Instant
 from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 from netwatch.proxy import mode as machine
 
@@ -208,7 +209,7 @@ class Extras:
             if target.name not in kept:
                 if self.bridge is not None:
                     self.bridge.forget_link(target.name)
-                self._send_alerts(self.alerts.forget(target.name, self._daemon.clock.now()))
+                self._send_alerts(self.alerts.forget(target.name, Instant.of(self._daemon.clock)))
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -266,7 +267,7 @@ class Extras:
             if isinstance(event, LinkChanged):
                 if self.bridge is not None:
                     self.bridge.publish_link(event)
-                self._send_alerts(self.alerts.on_link(event, clock.now()))
+                self._send_alerts(self.alerts.on_link(event, Instant.of(clock)))
             elif isinstance(event, ModeChanged):
                 if self.bridge is not None:
                     self.bridge.publish_mode(event)
@@ -276,12 +277,12 @@ class Extras:
             elif isinstance(event, QueueStats):
                 if self.bridge is not None:
                     self.bridge.publish_queue(event)
-                now = clock.now()
+                now = Instant.of(clock)
                 self._send_alerts(
-                    self.alerts.on_queue(event, now, self._daemon.schedule.is_peak(now))
+                    self.alerts.on_queue(event, now, self._daemon.schedule.is_peak(now.wall))
                 )
 
     async def _alert_ticks(self) -> None:
         while True:
             await asyncio.sleep(ALERT_TICK)
-            self._send_alerts(self.alerts.tick(self._daemon.clock.now()))
+            self._send_alerts(self.alerts.tick(Instant.of(self._daemon.clock)))

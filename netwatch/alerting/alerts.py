@@ -15,8 +15,13 @@ alert              condition set by     condition cleared by
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
 ``hold_down`` seconds, so a flapping link (down, up, down within ``hold_down``) produces one
-``firing`` and, once it is stable, one ``resolved``: never a storm. Time comes in as ``now``;
-``tick(now)`` releases the resolutions whose hold-down has elapsed.
+``firing`` and, once it is stable, one ``resolved``: never a storm. Time comes in as ``now``,
+an ``Instant``; ``tick(now)`` releases the resolutions whose hold-down has elapsed.
+
+Hold-downs and how long an alert lasted are measured on ``now.mono``, the monotonic clock;
+``now.wall`` only stamps ``since`` and the summaries for humans. So a wall clock stepped back
+an hour does not hold a resolution for an hour, and one stepped forward does not cut a
+hold-down short (docs/contract-notes.md, "Clock steps").
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+from netwatch.clock import Instant
 from netwatch.events import LinkChanged, QueueStats
 from netwatch.words import plural
 
@@ -74,12 +80,23 @@ class AlertPolicy:
 
 @dataclass(slots=True)
 class _Active:
-    """A fired, not yet resolved alert; ``cleared_at`` is set while its hold-down runs."""
+    """A fired, not yet resolved alert; ``cleared_at`` is set while its hold-down runs.
+
+    ``since`` and ``cleared_at`` are wall times for the messages; the ``*_mono`` twins
+    time the hold-down and the duration.
+    """
 
     since: datetime
+    since_mono: float
     detail: dict[str, Any]
     cleared_at: datetime | None = None
+    cleared_mono: float = 0.0
     cleared_peak: bool = False
+
+    @property
+    def lasted(self) -> float:
+        """Seconds from the condition's start to its clearing (so far, if not cleared)."""
+        return max(0.0, self.cleared_mono - self.since_mono)
 
 
 _Change = Literal["set", "clear", "hold"]
@@ -106,7 +123,7 @@ class AlertState:
         """The ``(alert, target)`` pairs currently firing (including those in hold-down)."""
         return frozenset(self._active)
 
-    def on_link(self, event: LinkChanged, now: datetime) -> list[AlertEvent]:
+    def on_link(self, event: LinkChanged, now: Instant) -> list[AlertEvent]:
         """Feed a link change; returns the alerts to send now."""
         out = self.tick(now)
         detail = {"latency_ms": event.latency_ms, "loss": event.loss, "reason": event.reason}
@@ -117,44 +134,54 @@ class AlertState:
                 change,
                 now=now,
                 since=event.since,
+                age=0.0,
                 peak=event.peak,
                 detail=detail,
             )
         return out
 
-    def on_queue(self, stats: QueueStats, now: datetime, peak: bool = False) -> list[AlertEvent]:
+    def on_queue(self, stats: QueueStats, now: Instant, peak: bool = False) -> list[AlertEvent]:
         """Feed a queue snapshot; ``peak`` tells whether ``now`` is inside peak hours."""
         out = self.tick(now)
         backlog: _Change = "set" if stats.oldest_age_s > self.policy.backlog_age else "clear"
         dead: _Change = "set" if stats.dead > 0 else "clear"
         detail = {"depth": stats.depth, "oldest_age_s": stats.oldest_age_s, "dead": stats.dead}
-        since = now - timedelta(seconds=stats.oldest_age_s)
-        conditions: tuple[tuple[AlertName, _Change, datetime], ...] = (
-            ("QueueBacklog", backlog, since),
-            ("DeadLetters", dead, now),
+        age = max(0.0, stats.oldest_age_s)
+        conditions: tuple[tuple[AlertName, _Change, float], ...] = (
+            ("QueueBacklog", backlog, age),
+            ("DeadLetters", dead, 0.0),
         )
-        for alert, change, began in conditions:
+        for alert, change, began_ago in conditions:
             out += self._apply(
-                alert, QUEUE_TARGET, change, now=now, since=began, peak=peak, detail=detail
+                alert,
+                QUEUE_TARGET,
+                change,
+                now=now,
+                since=now.wall - timedelta(seconds=began_ago),
+                age=began_ago,
+                peak=peak,
+                detail=detail,
             )
         return out
 
-    def forget(self, target: str, now: datetime) -> list[AlertEvent]:
+    def forget(self, target: str, now: Instant) -> list[AlertEvent]:
         """A target removed from the config: nothing would ever clear its open alerts, so
         they are resolved now (a receiver must not keep a page open for it forever)."""
         out: list[AlertEvent] = []
         for key in [k for k in self._active if k[1] == target]:
             active = self._active.pop(key)
-            active.cleared_at = active.cleared_at or now
+            if active.cleared_at is None:
+                active.cleared_at, active.cleared_mono = now.wall, now.mono
             out.append(self._event(key, "resolved", active.cleared_at, active))
         return out
 
-    def tick(self, now: datetime) -> list[AlertEvent]:
+    def tick(self, now: Instant) -> list[AlertEvent]:
         """Resolve every alert that has stayed clear for ``hold_down`` seconds by ``now``."""
-        hold = timedelta(seconds=self.policy.hold_down)
         out: list[AlertEvent] = []
         for key, active in list(self._active.items()):
-            if active.cleared_at is not None and now - active.cleared_at >= hold:
+            if active.cleared_at is None:
+                continue
+            if now.mono - active.cleared_mono >= self.policy.hold_down:
                 del self._active[key]
                 out.append(self._event(key, "resolved", active.cleared_at, active))
         return out
@@ -165,16 +192,18 @@ class AlertState:
         target: str,
         change: _Change,
         *,
-        now: datetime,
+        now: Instant,
         since: datetime,
+        age: float,
         peak: bool,
         detail: dict[str, Any],
     ) -> list[AlertEvent]:
+        """``since`` is the wall time the condition began, ``age`` how long ago that was."""
         key = (alert, target)
         active = self._active.get(key)
         if change == "set":
             if active is None:
-                active = _Active(since=since, detail={**detail, "peak": peak})
+                active = _Active(since, now.mono - age, detail={**detail, "peak": peak})
                 self._active[key] = active
                 return [self._event(key, "firing", since, active)]
             # Still (or again, within hold-down) broken: the firing already sent stands.
@@ -183,7 +212,8 @@ class AlertState:
             if active is not None:
                 active.cleared_at = None
         elif active is not None and active.cleared_at is None:
-            active.cleared_at = now
+            active.cleared_at = now.wall
+            active.cleared_mono = now.mono
             active.cleared_peak = peak
         return []
 
@@ -224,8 +254,7 @@ def _summaries(
     peak_en = " during peak hours" if peak else ""
     peak_vi = " trong giờ cao điểm" if peak else ""
     if status == "resolved":
-        lasted = (active.cleared_at or active.since) - active.since
-        took = _duration(lasted.total_seconds())
+        took = _duration(active.lasted)
         return (
             f"[{site}] {alert} on {target} resolved at {at}{peak_en} (lasted {took})",
             f"[{site}] Đã khắc phục {alert} tại {target} lúc {at}{peak_vi} (kéo dài {took})",
