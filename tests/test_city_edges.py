@@ -22,6 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from aiohttp import web
 from helpers.daemon import eventually, free_tcp_port, run_daemon, write_config
 from helpers.mosquitto import run_mosquitto
 from helpers.mqtt_sub import watch
@@ -30,7 +31,7 @@ from rich.console import Console
 from test_cli import netwatch
 
 from netwatch.clock import SystemClock
-from netwatch.config.schema import Config, parse_config
+from netwatch.config.schema import Config, Link, parse_config
 from netwatch.errors import ConfigError
 from netwatch.monitor.city import CityCollector, SiteFault
 from netwatch.monitor.metrics import MonitorMetrics
@@ -471,3 +472,48 @@ async def test_an_ipv4_mapped_ipv6_address_is_traced_as_ipv4() -> None:
     result = await PathProbe("::ffff:127.0.0.1", protocol="udp", rounds=1).run(2.0)
     assert result.success, result
     assert result.details["address"] == "127.0.0.1"
+
+
+@pytest.fixture
+async def slow_http_port() -> AsyncIterator[int]:
+    """An HTTP server on loopback that answers 200 after 100 ms."""
+
+    async def handle(_: web.Request) -> web.Response:
+        await asyncio.sleep(0.1)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_degraded_gateway_is_no_fault_but_the_degraded_domain(slow_http_port: int) -> None:
+    gw = {"name": "gw", "type": "http", "url": f"http://127.0.0.1:{slow_http_port}/"}
+    api = {"name": "api", "type": "tcp", "host": "127.0.0.1", "port": slow_http_port}
+    targets = [gw | {"role": "gateway", "interval": "300ms"}, api | {"interval": "300ms"}]
+    config = config_of(targets).model_copy(
+        update={"link": Link(fail_after=1, recover_after=1, degraded_latency=0.05)}
+    )
+    async with monitoring(config) as (monitor, site_fault, registry):
+        await wait_for(
+            lambda: monitor.states() == {"gw": "degraded", "api": "up"}, "gw degraded, api up"
+        )
+        verdict = site_fault.status.verdict
+        assert (verdict.fault.value, verdict.degraded.value) == ("none", "lan")
+        for metric, domain in (("netwatch_site_fault", "none"), ("netwatch_site_degraded", "lan")):
+            values = {
+                d: registry.get_sample_value(metric, {"site": "lab", "domain": d})
+                for d in ("none", "lan", "isp", "core", "service")
+            }
+            assert values == {d: float(d == domain) for d in values}, metric
+        view = site_fault.view()
+        data = {"site": {"id": "lab"}, "version": "0.1.0", "fault": view, "targets": []}
+        assert "fault none since" in rendered(data)
+        assert "degraded: lan" in rendered(data)
