@@ -38,6 +38,7 @@ from netwatch.monitor.metrics import MonitorMetrics
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule
 from netwatch.oneshot import render_status
+from probes.http import close_shared_sessions
 from probes.path import PathProbe
 
 # A name the resolver rejects locally (an empty label): no query leaves the machine.
@@ -179,12 +180,15 @@ async def monitoring(config: Config) -> AsyncIterator[tuple[Monitor, SiteFault, 
     site_fault = SiteFault(lambda: monitor.targets, clock.now)
     monitor.add_listener(site_fault.refresh)
     registry.register(CityCollector(lambda: monitor.config, lambda: monitor.targets, site_fault))
-    async with asyncio.TaskGroup() as tg:
-        monitor.start(tg)
-        yield monitor, site_fault, registry
-        for rt in monitor.targets.values():
-            assert rt.task is not None
-            rt.task.cancel()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            monitor.start(tg)
+            yield monitor, site_fault, registry
+            for rt in monitor.targets.values():
+                assert rt.task is not None
+                rt.task.cancel()
+    finally:
+        await close_shared_sessions()  # the http probes' pooled sessions
 
 
 async def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
