@@ -11,6 +11,12 @@ alert              condition set by     condition cleared by
 ``QueueBacklog``   oldest entry older   oldest entry younger than ``backlog_age``
                    than ``backlog_age``
 ``DeadLetters``    dead letters > 0     no dead letters
+``QueueUnreadable`` entries set aside   none left (retried or purged)
+                   as unreadable > 0
+``QueueDiskFull``  a queue write found  a queue write committed again
+                   the disk full
+``QueueDamaged``   SQLite found the     a restart on a whole (salvaged) file
+                   queue file corrupt
 =================  ===================  =====================================================
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
@@ -21,6 +27,7 @@ A set condition fires once. A cleared condition resolves only after it has staye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -28,7 +35,15 @@ from zoneinfo import ZoneInfo
 
 from netwatch.events import LinkChanged, QueueStats
 
-AlertName = Literal["LinkDown", "LinkDegraded", "QueueBacklog", "DeadLetters"]
+AlertName = Literal[
+    "LinkDown",
+    "LinkDegraded",
+    "QueueBacklog",
+    "DeadLetters",
+    "QueueUnreadable",
+    "QueueDiskFull",
+    "QueueDamaged",
+]
 Status = Literal["firing", "resolved"]
 
 #: The pseudo-target of the station-queue alerts.
@@ -126,11 +141,19 @@ class AlertState:
         out = self.tick(now)
         backlog: _Change = "set" if stats.oldest_age_s > self.policy.backlog_age else "clear"
         dead: _Change = "set" if stats.dead > 0 else "clear"
-        detail = {"depth": stats.depth, "oldest_age_s": stats.oldest_age_s, "dead": stats.dead}
+        detail = {
+            "depth": stats.depth,
+            "oldest_age_s": stats.oldest_age_s,
+            "dead": stats.dead,
+            "unreadable": stats.unreadable,
+        }
         since = now - timedelta(seconds=stats.oldest_age_s)
         conditions: tuple[tuple[AlertName, _Change, datetime], ...] = (
             ("QueueBacklog", backlog, since),
             ("DeadLetters", dead, now),
+            ("QueueUnreadable", "set" if stats.unreadable > 0 else "clear", now),
+            ("QueueDiskFull", "set" if stats.health == "disk_full" else "clear", now),
+            ("QueueDamaged", "set" if stats.health == "damaged" else "clear", now),
         )
         for alert, change, began in conditions:
             out += self._apply(
@@ -238,9 +261,39 @@ def _summaries(
             f"[{site}] {d['depth']} station requests queued, oldest waiting {age}{peak_en}",
             f"[{site}] {d['depth']} yêu cầu đang chờ trong hàng đợi, lâu nhất {age}{peak_vi}",
         )
+    if alert in _QUEUE_FAULTS:
+        return _QUEUE_FAULTS[alert](site, at, d)
     return (
         f"[{site}] {d['dead']} queued requests failed for good (dead letters) since {at}: "
         "run `netwatch queue list`",
         f"[{site}] {d['dead']} yêu cầu không thể gửi lên hệ thống từ {at}: "
         "cần kiểm tra bằng `netwatch queue list`",
     )
+
+
+_Summary = Callable[[str, str, dict[str, Any]], tuple[str, str]]
+
+# The queue's own faults: what happened, what the counter sees, what the operator runs.
+_QUEUE_FAULTS: dict[str, _Summary] = {
+    "QueueUnreadable": lambda site, at, d: (
+        f"[{site}] {d['unreadable']} queued requests could not be read back (damaged or "
+        f"sealed with another key) and were set aside since {at}; the rest are sent: "
+        "run `netwatch queue list --state dead`",
+        f"[{site}] {d['unreadable']} yêu cầu trong hàng đợi không đọc được (hỏng hoặc sai "
+        f"khóa) và đã được tách riêng từ {at}; các yêu cầu khác vẫn được gửi: "
+        "kiểm tra bằng `netwatch queue list --state dead`",
+    ),
+    "QueueDiskFull": lambda site, at, _d: (
+        f"[{site}] the station queue cannot take writes since {at}: disk full; offline "
+        "requests are refused (507) and replay is paused until space is freed",
+        f"[{site}] Hàng đợi không ghi được từ {at}: ổ đĩa đầy; yêu cầu khi mất kết nối bị "
+        "từ chối (507) và việc gửi lại tạm dừng cho tới khi giải phóng dung lượng",
+    ),
+    "QueueDamaged": lambda site, at, _d: (
+        f"[{site}] the station queue file is damaged since {at}: offline requests are "
+        "refused (503), replay stopped, the file is kept as it is; run "
+        "`netwatch queue salvage`",
+        f"[{site}] Tệp hàng đợi bị hỏng từ {at}: yêu cầu khi mất kết nối bị từ chối (503), "
+        "ngừng gửi lại, tệp được giữ nguyên; chạy `netwatch queue salvage`",
+    ),
+}

@@ -484,6 +484,12 @@ class DurableQueue:
         )
         return bool(await self._write(lambda txn: self._update(txn, sql, (seq,))))
 
+    async def check_writable(self) -> None:
+        """Commit one page (a no-op update): raises QueueDiskFullError while the disk is
+        full, and clears ``disk_full`` once a page can be written again."""
+        sql = "UPDATE meta SET value = value WHERE name = 'encryption'"
+        await self._write(lambda txn: txn.conn.execute(sql).rowcount)
+
     async def purge_dead(self) -> int:
         sql = "DELETE FROM entries WHERE state = 'dead'"
         return await self._write(lambda txn: self._update(txn, sql, ()))

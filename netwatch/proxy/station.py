@@ -17,6 +17,7 @@ link) and keeps the backlog depth it reasons about close to the truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -28,8 +29,10 @@ from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, SystemClock
 from netwatch.config import Proxy
+from netwatch.errors import QueueError
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
+from netwatch.proxy.crypto import default_key_path
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -109,7 +112,7 @@ class StationProxy:
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
         self._enqueued = 0  # generation counter: detects enqueues racing a stats read
         self._stats: QueueSnapshot | None = None
-        self._published: tuple[int, int] | None = None
+        self._published: tuple[int, int, str, int] | None = None
         self._stack: AsyncExitStack | None = None
         self._queue: DurableQueue | None = None
         self._forwarder: Forwarder | None = None
@@ -121,18 +124,25 @@ class StationProxy:
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
             q = self.settings.queue
+            # Sealed at rest unless told otherwise: without key_file, a key beside the queue.
+            auto = q.encrypt and self._key is None and q.key_file is None
             opener = DurableQueue.open(
                 q.path,
                 max_bytes=q.max_bytes,
                 max_age=q.max_age,
                 key=self._key,
+                auto_key=default_key_path(q.path) if auto else None,
                 max_batch=1024 if q.group_commit else 1,
             )
-            # QueueKeyError (wrong or missing key) propagates from here: fail fast.
+            # QueueKeyError (wrong or missing key) and QueueForeignError propagate from
+            # here: fail fast. A damaged file opens in the damaged state (see health()).
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
-            self._stats = await self._queue.stats(now=now.timestamp())
-            self._depth = self._stats.depth
+            try:
+                self._stats = await self._queue.stats(now=now.timestamp())
+            except QueueError:
+                log.exception("proxy_queue_unreadable_at_start")
+            self._depth = self._stats.depth if self._stats else 0
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
@@ -143,7 +153,7 @@ class StationProxy:
                 self.settings.replay,
                 clock=self._clock,
                 is_peak=self._is_peak,
-                active=lambda: self.mode != "offline",
+                active=lambda: self.mode != "offline" and self.queue.damaged is None,
                 on_result=self._replayed,
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
@@ -276,14 +286,19 @@ class StationProxy:
     async def ticket(self, ticket: str) -> Entry | None:
         return await self.queue.get(ticket)
 
-    async def healthy(self) -> bool:
+    async def health(self) -> dict[str, str] | None:
+        """None when the queue can take writes, else why not (for ``/_netwatch/healthz``)."""
+        if self.queue.health == "damaged":
+            return {"error": "queue_damaged", "reason": "the queue file is damaged"}
+        if self.queue.health == "disk_full":
+            return {"error": "queue_unwritable", "reason": "disk full"}
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await self.queue.stats(now=self._clock.now().timestamp())
         except Exception:  # any failure means "not usable"; logged
             log.warning("proxy_queue_unhealthy", exc_info=True)
-            return False
-        return True
+            return {"error": "queue_unusable", "reason": "the queue does not answer"}
+        return None
 
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
         lag = now - entry.queued_at if outcome == "delivered" else None
@@ -320,11 +335,20 @@ class StationProxy:
 
     async def _refresh(self, *, force_publish: bool) -> None:
         generation = self._enqueued
+        queue = self.queue
+        if queue.health == "disk_full":
+            # Nothing else may write for a while (online, no backlog): find out ourselves
+            # when there is room again.
+            with contextlib.suppress(QueueError):
+                await queue.check_writable()
         try:
-            stats = await self.queue.stats(now=self._clock.now().timestamp())
+            stats = await queue.stats(now=self._clock.now().timestamp())
         except Exception:  # logged; the last good figures stay exported
             log.exception("proxy_stats_failed")
-            return
+            if self._stats is None:
+                return
+            stats = self._stats
+            generation = -1  # not a fresh read: no depth re-sync
         self._stats = stats
         self.metrics.queue_stats = stats
         # Re-sync the depth from disk (the CLI may retry dead letters behind our back), but
@@ -333,10 +357,19 @@ class StationProxy:
         if generation == self._enqueued and self._enqueuing == 0:
             self._depth = stats.depth
             self._backlog()
-        key = (stats.depth, stats.dead)
+        key = (stats.depth, stats.dead, queue.health, stats.unreadable)
         if force_publish or key != self._published:
             self._published = key
-            self.hub.publish(QueueStats(self.site_id, stats.depth, stats.oldest_age_s, stats.dead))
+            self.hub.publish(
+                QueueStats(
+                    self.site_id,
+                    stats.depth,
+                    stats.oldest_age_s,
+                    stats.dead,
+                    health=queue.health,
+                    unreadable=stats.unreadable,
+                )
+            )
 
     # --- status -----------------------------------------------------------------------------
 
@@ -362,6 +395,8 @@ class StationProxy:
                 "oldest_age_s": round(stats.oldest_age_s, 3),
                 "bytes": stats.bytes,
                 "dead": stats.dead,
+                "unreadable": stats.unreadable,
+                "health": self.queue.health,
             },
             "replay": {
                 "in_flight": self._replayer.in_flight if self._replayer else 0,
