@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -33,6 +34,7 @@ import structlog
 from netwatch.errors import QueueDamagedError, QueueError, QueueFullError, QueueKeyError
 from netwatch.proxy.crypto import Sealer, generate_key_file, load_key
 from netwatch.proxy.queue_file import (
+    Kind,
     connect,
     create_private_file,
     identify,
@@ -234,42 +236,58 @@ class DurableQueue:
 
     def _open_files(self) -> None:
         # Whose file is it? Asked before anything is written: a foreign one stays untouched.
-        kind = identify(self.path)
+        damage: str | None = None
+        try:
+            kind = identify(self.path)
+        except QueueDamagedError as exc:  # not even its schema reads: open it to read only
+            kind, damage = "netwatch", str(exc)
         if kind == "new" and not self._create:
             raise QueueError(f"{self.path}: no queue file there")
+        try:
+            wconn, damage = self._connect(kind, damage)
+        except OSError as exc:
+            raise QueueError(f"{self.path}: cannot open the queue: {exc}") from exc
+        self._writer = GroupWriter(wconn, self.path, max_batch=self._max_batch)
+        if damage is not None:
+            if not damage.startswith(str(self.path)):
+                damage = f"{self.path}: the queue file is damaged ({damage})"
+            self._writer.set_damaged(QueueDamagedError(damage))
+
+    def _connect(self, kind: Kind, damage: str | None) -> tuple[sqlite3.Connection, str | None]:
+        """(writer connection, why the file is damaged or None); a damaged file gets no
+        pragma, no schema change, no key: nothing is written to it."""
         wconn = None
-        damage: str | None = None
         try:
             if kind == "new":
                 make_private_dir(self.path.parent)
                 create_private_file(self.path)
             tighten(self.path)
-            wconn = open_for_writing(self.path, kind)
-            damage = quick_check(wconn)
-            if damage is None:
-                prepare(wconn, self.path, self._check_key)
-            else:
-                self._check_key(wconn, writable=False)
+            wconn = open_for_writing(self.path, kind) if damage is None else connect(self.path)
             self._rconn = connect(self.path)
             self._rconn.execute("PRAGMA query_only=ON")
             self._rconn.row_factory = sqlite3.Row
             # Stored text is decoded by _to_entry, so a non-UTF-8 row is one unreadable
             # entry instead of a failed query.
             self._rconn.text_factory = bytes
+            if damage is None:
+                damage = quick_check(wconn)
+            if damage is None:
+                prepare(wconn, self.path, self._check_key)
+            else:  # read what can be read, with the right key
+                with contextlib.suppress(sqlite3.Error):
+                    self._check_key(wconn, writable=False)
         except sqlite3.Error as exc:
             error = translate(exc, f"{self.path}: cannot open the queue")
-            if wconn is None or not isinstance(error, QueueDamagedError):
-                _close(wconn, self._rconn)
-                raise error from exc
-            damage = str(error)
-        except (OSError, QueueError) as exc:
+            if isinstance(error, QueueDamagedError) and wconn and self._rconn:
+                return wconn, str(error)
             _close(wconn, self._rconn)
-            if isinstance(exc, QueueError):
-                raise
-            raise QueueError(f"{self.path}: cannot open the queue: {exc}") from exc
-        self._writer = GroupWriter(wconn, self.path, max_batch=self._max_batch)
-        if damage is not None:
-            self._writer.set_damaged(QueueDamagedError(f"{self.path}: {damage}"))
+            self._rconn = None
+            raise error from exc
+        except BaseException:
+            _close(wconn, self._rconn)
+            self._rconn = None
+            raise
+        return wconn, damage
 
     def _check_key(self, conn: sqlite3.Connection, *, writable: bool = True) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
@@ -283,7 +301,7 @@ class DurableQueue:
                     f"{self.path}: this queue is not encrypted but a key was given; "
                     "open it without a key (a queue cannot be encrypted in place)"
                 )
-            if self._auto_key is not None and writable:
+            if self._auto_key is not None and writable and self._create:  # the daemon's
                 log.warning(
                     "queue_not_encrypted",
                     path=str(self.path),
@@ -292,12 +310,13 @@ class DurableQueue:
                 )
         else:
             auto = self._auto_key
-            if not self._sealer.encrypted and auto is not None and (writable or auto.exists()):
+            if not self._sealer.encrypted and auto is not None and auto.exists():
                 self._sealer = Sealer(load_key(auto))
             if not self._sealer.encrypted:
+                looked = f", none at {auto}" if auto is not None else ""
                 raise QueueKeyError(
                     f"{self.path}: this queue is encrypted; give its key "
-                    "(proxy.queue.key_file, or --key-file)"
+                    f"(proxy.queue.key_file, or --key-file{looked})"
                 )
             if not self._sealer.verify(bytes(meta["key_check"])):
                 raise QueueKeyError(
