@@ -42,6 +42,7 @@ from netwatch.proxy.queue_file import (
     open_for_writing,
     prepare,
     quick_check,
+    read_only_uri,
     tighten,
     translate,
 )
@@ -227,12 +228,26 @@ class DurableQueue:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # A damaged file stays exactly as it is: the last connection to close would copy
+        # the WAL into it; a read-only one, open meanwhile and closed last, never does.
+        witness = await asyncio.to_thread(self._witness) if self.damaged else None
         if self._writer is not None:
             await self._writer.close()
         with self._rlock:
             if self._rconn is not None:
                 self._rconn.close()
                 self._rconn = None
+        if witness is not None:
+            witness.close()
+
+    def _witness(self) -> sqlite3.Connection | None:
+        try:
+            conn = connect(read_only_uri(self.path), uri=True)
+        except sqlite3.Error:
+            return None
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA schema_version").fetchone()
+        return conn
 
     def _open_files(self) -> None:
         # Whose file is it? Asked before anything is written: a foreign one stays untouched.

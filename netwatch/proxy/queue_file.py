@@ -132,33 +132,43 @@ def identify(path: Path) -> Kind:
         return "new"
     try:
         with path.open("rb") as f:
-            head = f.read(len(_SQLITE_MAGIC))
+            head = f.read(100)
     except OSError as exc:
         raise QueueError(f"{path}: cannot open the queue: {exc.strerror or exc}") from None
-    if head != _SQLITE_MAGIC:
+    if not head.startswith(_SQLITE_MAGIC):
         raise QueueForeignError(
             f"{path}: not a netwatch queue (not an SQLite database); left untouched"
         )
+    # From the header bytes: no connection, so not even a -shm file appears beside a
+    # foreign database. Only a file without an application_id needs its tables read.
+    app_id = int.from_bytes(head[68:72], "big", signed=True)
+    if app_id == APPLICATION_ID:
+        return "netwatch"
+    tables: set[str] = set()
+    if app_id == 0:
+        tables = _tables(path, immutable=True)
+        if not tables and Path(f"{path}-wal").exists():  # a young queue, all in its WAL
+            tables = _tables(path, immutable=False)
+        if tables >= _LEGACY_TABLES:  # a queue from before application_id
+            return "netwatch"
+    owner = f"application_id {app_id:#x}" if app_id else f"tables: {', '.join(sorted(tables))}"
+    raise QueueForeignError(
+        f"{path}: not a netwatch queue (an SQLite database with {owner}); left untouched"
+    )
+
+
+def _tables(path: Path, *, immutable: bool) -> set[str]:
+    # immutable=1: the main file only, no locks, no WAL or -shm opened (so none created).
+    uri = read_only_uri(path) + ("&immutable=1" if immutable else "")
     try:
-        conn = connect(read_only_uri(path), uri=True)
+        conn = connect(uri, uri=True)
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {
-                row[0]
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise translate(exc, f"{path}: cannot read the queue") from exc
-    if app_id == APPLICATION_ID or (app_id == 0 and tables >= _LEGACY_TABLES):
-        return "netwatch"
-    owner = (
-        f"application_id {app_id:#x}" if app_id else f"tables {', '.join(sorted(tables)) or 'none'}"
-    )
-    raise QueueForeignError(
-        f"{path}: not a netwatch queue (an SQLite database with {owner}); left untouched"
-    )
+    return {str(row[0]) for row in rows}
 
 
 def make_private_dir(directory: Path) -> None:

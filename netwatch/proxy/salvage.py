@@ -3,10 +3,10 @@ damaged queue file into a new one, in arrival order, and say what could not be r
 
 SRC is only ever read (a read-only connection: not even a checkpoint touches it). Rows are
 copied as stored, sealed fields included, so DST opens with SRC's key and the replayer sets
-aside any row whose fields do not decode, as it would have in SRC. A damaged b-tree page
-makes a range scan fail where it starts; the scan then looks for the first seq past the
-damage it can read again (doubling steps, then a binary search back), records the gap, and
-goes on from there.
+aside any row whose fields do not decode, as it would have in SRC. Rows are read one seek
+at a time; a seek into a damaged b-tree page fails, and the copy then looks for the first
+seq past the damage it can read again (doubling steps, then a binary search back), records
+the gap, and goes on from there.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ _ROWS = (
     f"SELECT {', '.join(_COLUMNS)}, {', '.join(f'typeof({c})' for c in _COLUMNS)}"  # noqa: S608 - fixed column names
     " FROM entries"
 )
-_SELECT = f"{_ROWS} WHERE seq > ? ORDER BY seq"
 _FIRST_FROM = f"{_ROWS} WHERE seq >= ? ORDER BY seq LIMIT 1"
 _NO_END = 2**62
 
@@ -106,23 +105,24 @@ def _read_meta(
 
 
 def _copy(source: sqlite3.Connection, target: sqlite3.Connection, report: SalvageReport) -> None:
+    # One row per query (a seek, then LIMIT 1): a scan would step onto the next page before
+    # handing over the current row, and so lose the last good row before a damaged page.
     end = _last_seq(source)
     after = 0
     while True:
         try:
-            for row in source.execute(_SELECT, (after,)):
-                after = row[0]
-                _insert(target, row, report)
+            row = source.execute(_FIRST_FROM, (after + 1,)).fetchone()
         except sqlite3.DatabaseError:
             resume = _next_readable(source, after, end)
+            report.lost.append((after + 1, None if resume is None else resume - 1))
             if resume is None:
-                report.lost.append((after + 1, None))
                 return
-            if resume > after + 1:
-                report.lost.append((after + 1, resume - 1))
             after = resume - 1
-        else:
+            continue
+        if row is None:
             return
+        after = row[0]
+        _insert(target, row, report)
 
 
 def _insert(target: sqlite3.Connection, row: sqlite3.Row, report: SalvageReport) -> None:

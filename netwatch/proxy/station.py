@@ -138,10 +138,9 @@ class StationProxy:
             # here: fail fast. A damaged file opens in the damaged state (see health()).
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
-            try:
+            # A damaged file may not even answer this: healthz and the alert say so.
+            with contextlib.suppress(QueueError):
                 self._stats = await self._queue.stats(now=now.timestamp())
-            except QueueError:
-                log.exception("proxy_queue_unreadable_at_start")
             self._depth = self._stats.depth if self._stats else 0
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
@@ -321,6 +320,8 @@ class StationProxy:
             await asyncio.sleep(STATS_EVERY)
 
     async def _expire(self) -> None:
+        if self.queue.damaged is not None:  # logged once when found; nothing to write
+            return
         try:
             expired = await self.queue.expire(now=self._clock.now().timestamp())
         except Exception:  # housekeeping must outlive a bad moment of the disk
@@ -343,8 +344,9 @@ class StationProxy:
                 await queue.check_writable()
         try:
             stats = await queue.stats(now=self._clock.now().timestamp())
-        except Exception:  # logged; the last good figures stay exported
-            log.exception("proxy_stats_failed")
+        except Exception:  # logged (a damaged file once, when found); the last figures stay
+            if queue.damaged is None:
+                log.exception("proxy_stats_failed")
             if self._stats is None:
                 return
             stats = self._stats
