@@ -519,9 +519,10 @@ class DurableQueue:
         return bool(await self._write(lambda txn: self._update(txn, sql, (seq,))))
 
     async def check_writable(self) -> None:
-        """Commit one page (a no-op update): raises QueueDiskFullError while the disk is
-        full, and clears ``disk_full`` once a page can be written again."""
-        sql = "UPDATE meta SET value = value WHERE name = 'encryption'"
+        """Commit one page: raises QueueDiskFullError while the disk is full, and clears
+        ``disk_full`` once a page can be written again. (The value must change: SQLite
+        writes nothing for an update that leaves a row as it was.)"""
+        sql = "INSERT OR REPLACE INTO meta (name, value) VALUES ('write_check', randomblob(8))"
         await self._write(lambda txn: txn.conn.execute(sql).rowcount)
 
     async def purge_dead(self) -> int:
