@@ -287,7 +287,7 @@ async def test_wal_is_checkpointed_on_size_and_reused_not_regrown(qpath: Path) -
 async def test_encrypted_queue_keeps_no_plaintext_on_disk(qpath: Path, tmp_path: Path) -> None:
     key = load_key(generate_key_file(tmp_path / "key"))
     secret = NewEntry(
-        "POST", "/api/cards", "cccd=SECRET-QUERY", (("Authorization", "SECRET-TOKEN"),),
+        "POST", "/api/cards/SECRET-PATH", "cccd=SECRET-QUERY", (("Authorization", "SECRET-TOKEN"),),
         b'{"name": "SECRET-CITIZEN"}', "idem-1",
     )  # fmt: skip
     async with opened(qpath, key=key) as q:
@@ -296,7 +296,14 @@ async def test_encrypted_queue_keeps_no_plaintext_on_disk(qpath: Path, tmp_path:
         await q.mark_dead(other.id, reason="rejected", status=400, body=b"SECRET-ANSWER", now=T0)
         on_disk = disk_bytes(qpath)  # while open: the WAL holds the latest pages
     on_disk += disk_bytes(qpath)
-    for marker in (b"SECRET-QUERY", b"SECRET-TOKEN", b"SECRET-CITIZEN", b"SECRET-ANSWER"):
+    markers = (
+        b"SECRET-PATH",
+        b"SECRET-QUERY",
+        b"SECRET-TOKEN",
+        b"SECRET-CITIZEN",
+        b"SECRET-ANSWER",
+    )
+    for marker in markers:
         assert marker not in on_disk
     async with opened(qpath, key=key) as q:
         assert await q.get(entry.id) == entry
