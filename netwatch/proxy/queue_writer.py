@@ -33,7 +33,7 @@ import structlog
 from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError
 from netwatch.proxy.queue_file import BUSY_TIMEOUT_S, translate
 
-_CHECKPOINT_FRAMES = 1000  # a PASSIVE checkpoint once the WAL holds this many pages
+_CHECKPOINT_FRAMES = 4000  # a PASSIVE checkpoint once the WAL holds this many pages (16 MiB)
 _WAL_FORCE_BYTES = 64 * 1024**2  # a WAL file grown past this (a reader held it) is truncated
 
 log = structlog.get_logger(__name__)
