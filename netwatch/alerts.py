@@ -3,21 +3,21 @@
 Every alert is keyed by ``(alert, target)`` and is a small two-state machine driven by a
 *condition* (is the problem present now?):
 
-=================  ===================  =====================================================
-alert              condition set by     condition cleared by
-=================  ===================  =====================================================
-``LinkDown``       link ``down``        link ``up`` or ``degraded``
-``LinkDegraded``   link ``degraded``    link ``up`` (``down`` holds it: worse, not better)
-``QueueBacklog``   oldest entry older   oldest entry younger than ``backlog_age``
-                   than ``backlog_age``
-``DeadLetters``    dead letters > 0     no dead letters
-``QueueUnreadable`` entries set aside   none left (retried or purged)
-                   as unreadable > 0
-``QueueDiskFull``  a queue write found  a queue write committed again
-                   the disk full
-``QueueDamaged``   SQLite found the     a restart on a whole (salvaged) file
-                   queue file corrupt
-=================  ===================  =====================================================
+===================  ====================  =====================================================
+alert                condition set by      condition cleared by
+===================  ====================  =====================================================
+``LinkDown``         link ``down``         link ``up`` or ``degraded``
+``LinkDegraded``     link ``degraded``     link ``up`` (``down`` holds it: worse, not better)
+``QueueBacklog``     oldest entry older    oldest entry younger than ``backlog_age``
+                     than ``backlog_age``
+``DeadLetters``      dead letters > 0      no dead letters
+``QueueUnreadable``  entries set aside     none left (retried or purged)
+                     as unreadable > 0
+``QueueDiskFull``    a queue write found   a queue write committed again
+                     the disk full
+``QueueDamaged``     SQLite found the      a restart on a whole (salvaged) file
+                     queue file corrupt
+===================  ====================  =====================================================
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
 ``hold_down`` seconds, so a flapping link (down, up, down within ``hold_down``) produces one
