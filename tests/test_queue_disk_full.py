@@ -14,7 +14,6 @@ import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from helpers.servers import free_port, wait_until
 from prometheus_client import CollectorRegistry
 
 from netwatch.alerting.alerts import AlertPolicy, AlertState
+from netwatch.clock import Instant, SystemClock
 from netwatch.config.schema import Proxy
 from netwatch.demo.simulator import PopulationSimulator
 from netwatch.events import Event, EventHub, QueueStats
@@ -74,7 +74,7 @@ class RecordingHub(EventHub):
         names = set()
         for event in self.events:
             if isinstance(event, QueueStats):
-                names |= {a.alert for a in alerts.on_queue(event, datetime.now(UTC))}
+                names |= {a.alert for a in alerts.on_queue(event, Instant.of(SystemClock()))}
         return names
 
 

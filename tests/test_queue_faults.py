@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from helpers.servers import free_port, wait_until
 from prometheus_client import CollectorRegistry
 
 from netwatch.alerting.alerts import AlertPolicy, AlertState
+from netwatch.clock import Instant, SystemClock
 from netwatch.config.schema import Proxy
 from netwatch.demo.simulator import PopulationSimulator
 from netwatch.errors import QueueForeignError
@@ -138,14 +138,10 @@ class RecordingHub(EventHub):
         firing: set[str] = set()
         for event in self.events:
             if isinstance(event, QueueStats):
-                for alert in alerts.on_queue(event, datetime_now()):
+                for alert in alerts.on_queue(event, Instant.of(SystemClock())):
                     assert alert.summary_vi  # bilingual, like every alert
                     firing.add(alert.alert)
         return firing
-
-
-def datetime_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @asynccontextmanager

@@ -84,6 +84,9 @@ class AlertEvent:
         }
 
 
+HOLD_SLACK = 1e-6
+
+
 @dataclass(frozen=True, slots=True)
 class AlertPolicy:
     """How eager alerts are. ``hold_down`` comes from ``notify.hold_down``."""
@@ -193,7 +196,9 @@ class AlertState:
         for key, active in list(self._active.items()):
             if active.cleared_at is None:
                 continue
-            if now.mono - active.cleared_mono >= self.policy.hold_down:
+            # A microsecond of slack: the difference of two float readings can fall a hair
+            # short of an exact hold-down.
+            if now.mono - active.cleared_mono >= self.policy.hold_down - HOLD_SLACK:
                 del self._active[key]
                 out.append(self._event(key, "resolved", active.cleared_at, active))
         return out
