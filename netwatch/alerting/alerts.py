@@ -3,15 +3,21 @@
 Every alert is keyed by ``(alert, target)`` and is a small two-state machine driven by a
 *condition* (is the problem present now?):
 
-=================  ===================  =====================================================
-alert              condition set by     condition cleared by
-=================  ===================  =====================================================
-``LinkDown``       link ``down``        link ``up`` or ``degraded``
-``LinkDegraded``   link ``degraded``    link ``up`` (``down`` holds it: worse, not better)
-``QueueBacklog``   oldest entry older   oldest entry younger than ``backlog_age``
-                   than ``backlog_age``
-``DeadLetters``    dead letters > 0     no dead letters
-=================  ===================  =====================================================
+===================  ====================  =====================================================
+alert                condition set by      condition cleared by
+===================  ====================  =====================================================
+``LinkDown``         link ``down``         link ``up`` or ``degraded``
+``LinkDegraded``     link ``degraded``     link ``up`` (``down`` holds it: worse, not better)
+``QueueBacklog``     oldest entry older    oldest entry younger than ``backlog_age``
+                     than ``backlog_age``
+``DeadLetters``      dead letters > 0      no dead letters
+``QueueUnreadable``  entries set aside     none left (retried or purged)
+                     as unreadable > 0
+``QueueDiskFull``    a queue write found   a queue write committed again
+                     the disk full
+``QueueDamaged``     SQLite found the      a restart on a whole (salvaged) file
+                     queue file corrupt
+===================  ====================  =====================================================
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
 ``hold_down`` seconds, so a flapping link (down, up, down within ``hold_down``) produces one
@@ -26,6 +32,7 @@ hold-down short (docs/contract-notes.md, "Clock steps").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -35,7 +42,15 @@ from netwatch.clock import Instant
 from netwatch.events import LinkChanged, QueueStats
 from netwatch.words import plural
 
-AlertName = Literal["LinkDown", "LinkDegraded", "QueueBacklog", "DeadLetters"]
+AlertName = Literal[
+    "LinkDown",
+    "LinkDegraded",
+    "QueueBacklog",
+    "DeadLetters",
+    "QueueUnreadable",
+    "QueueDiskFull",
+    "QueueDamaged",
+]
 Status = Literal["firing", "resolved"]
 
 #: The pseudo-target of the station-queue alerts.
@@ -67,6 +82,9 @@ class AlertEvent:
             "summary_vi": self.summary_vi,
             "site": self.site,
         }
+
+
+HOLD_SLACK = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +163,19 @@ class AlertState:
         out = self.tick(now)
         backlog: _Change = "set" if stats.oldest_age_s > self.policy.backlog_age else "clear"
         dead: _Change = "set" if stats.dead > 0 else "clear"
-        detail = {"depth": stats.depth, "oldest_age_s": stats.oldest_age_s, "dead": stats.dead}
+        detail = {
+            "depth": stats.depth,
+            "oldest_age_s": stats.oldest_age_s,
+            "dead": stats.dead,
+            "unreadable": stats.unreadable,
+        }
         age = max(0.0, stats.oldest_age_s)
         conditions: tuple[tuple[AlertName, _Change, float], ...] = (
             ("QueueBacklog", backlog, age),
             ("DeadLetters", dead, 0.0),
+            ("QueueUnreadable", "set" if stats.unreadable > 0 else "clear", 0.0),
+            ("QueueDiskFull", "set" if stats.health == "disk_full" else "clear", 0.0),
+            ("QueueDamaged", "set" if stats.health == "damaged" else "clear", 0.0),
         )
         for alert, change, began_ago in conditions:
             out += self._apply(
@@ -181,7 +207,9 @@ class AlertState:
         for key, active in list(self._active.items()):
             if active.cleared_at is None:
                 continue
-            if now.mono - active.cleared_mono >= self.policy.hold_down:
+            # A microsecond of slack: the difference of two float readings can fall a hair
+            # short of an exact hold-down.
+            if now.mono - active.cleared_mono >= self.policy.hold_down - HOLD_SLACK:
                 del self._active[key]
                 out.append(self._event(key, "resolved", active.cleared_at, active))
         return out
@@ -279,6 +307,8 @@ def _summaries(
             f"{age}{peak_en}",
             f"[{site}] {d['depth']} yêu cầu đang chờ trong hàng đợi, lâu nhất {age}{peak_vi}",
         )
+    if alert in _QUEUE_FAULTS:
+        return _QUEUE_FAULTS[alert](site, at, d)
     return (
         f"[{site}] {plural(d['dead'], 'queued request')} failed for good (dead letters) "
         f"since {at}: "
@@ -286,3 +316,31 @@ def _summaries(
         f"[{site}] {d['dead']} yêu cầu không thể gửi lên hệ thống từ {at}: "
         "cần kiểm tra bằng `netwatch queue list`",
     )
+
+
+_Summary = Callable[[str, str, dict[str, Any]], tuple[str, str]]
+
+# The queue's own faults: what happened, what the counter sees, what the operator runs.
+_QUEUE_FAULTS: dict[str, _Summary] = {
+    "QueueUnreadable": lambda site, at, d: (
+        f"[{site}] {d['unreadable']} queued requests could not be read back (damaged or "
+        f"sealed with another key) and were set aside since {at}; the rest are sent: "
+        "run `netwatch queue list --state dead`",
+        f"[{site}] {d['unreadable']} yêu cầu trong hàng đợi không đọc được (hỏng hoặc sai "
+        f"khóa) và đã được tách riêng từ {at}; các yêu cầu khác vẫn được gửi: "
+        "kiểm tra bằng `netwatch queue list --state dead`",
+    ),
+    "QueueDiskFull": lambda site, at, _d: (
+        f"[{site}] the station queue cannot take writes since {at}: disk full; offline "
+        "requests are refused (507) and replay is paused until space is freed",
+        f"[{site}] Hàng đợi không ghi được từ {at}: ổ đĩa đầy; yêu cầu khi mất kết nối bị "
+        "từ chối (507) và việc gửi lại tạm dừng cho tới khi giải phóng dung lượng",
+    ),
+    "QueueDamaged": lambda site, at, _d: (
+        f"[{site}] the station queue file is damaged since {at}: offline requests are "
+        "refused (503), replay stopped, the file is kept as it is; run "
+        "`netwatch queue salvage`",
+        f"[{site}] Tệp hàng đợi bị hỏng từ {at}: yêu cầu khi mất kết nối bị từ chối (503), "
+        "ngừng gửi lại, tệp được giữ nguyên; chạy `netwatch queue salvage`",
+    ),
+}

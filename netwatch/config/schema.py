@@ -305,6 +305,9 @@ class Queue(Frozen):
     max_bytes: Size = 1024**3
     max_age: Duration = 72 * 3600.0
     key_file: OptionalText = None
+    # Sealed at rest (AES-256-GCM) by default: without key_file, a key is created beside
+    # the queue at first start (see crypto.default_key_path). false: plaintext.
+    encrypt: bool = True
     # Concurrent enqueues share one fsync. Off (one commit per request) only to measure it.
     group_commit: bool = True
 

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from netwatch.auth import require_token
 from netwatch.config.schema import Proxy
-from netwatch.errors import QueueError, QueueFullError
+from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError, QueueFullError
 from netwatch.monitor.api import metrics_handler
 from netwatch.proxy.forward import (
     UPSTREAM_DOWN_STATUSES,
@@ -75,7 +75,7 @@ class ProxyCore(Protocol):
 
     async def ticket(self, ticket: str) -> Entry | None: ...
 
-    async def healthy(self) -> bool: ...
+    async def health(self) -> dict[str, str] | None: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -197,9 +197,10 @@ class ProxyServer:
         raise web.HTTPFound("/_netwatch/" + (f"?{query}" if query else ""))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        if await self._core.healthy():
+        problem = await self._core.health()
+        if problem is None:
             return web.json_response({"ok": True})
-        return web.json_response({"ok": False, "error": "queue_unusable"}, status=503)
+        return web.json_response({"ok": False, **problem}, status=503)
 
     # --- the proxy ------------------------------------------------------------------------
 
@@ -312,8 +313,13 @@ class ProxyServer:
         )
         try:
             entry, position = await self._core.enqueue(new)
+        except QueueDiskFullError:
+            return "rejected", _error(507, "queue_full", reason="disk full")
         except QueueFullError:
-            return "rejected", _error(507, "queue_full")
+            return "rejected", _error(507, "queue_full", reason="max_bytes reached")
+        except QueueDamagedError:
+            # Never a 202 the file might not keep: the station keeps the application.
+            return "failed", _error(503, "queue_damaged", mode=self._core.mode)
         except QueueError:
             log.exception("proxy_enqueue_failed")
             return "failed", _error(503, "queue_unavailable", mode=self._core.mode)

@@ -33,6 +33,7 @@ only err on the side of "something waits".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
 from netwatch.proxy.backlog import BacklogWatch
 from netwatch.proxy.connections import ConnectionLimits, connection_cap
+from netwatch.proxy.crypto import default_key_path
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -137,7 +139,7 @@ class StationProxy:
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
         self._watch: BacklogWatch | None = None
         self._stats: QueueSnapshot | None = None
-        self._published: tuple[int, int] | None = None
+        self._published: tuple[int, int, str, int] | None = None
         self._stack: AsyncExitStack | None = None
         self._queue: DurableQueue | None = None
         self._forwarder: Forwarder | None = None
@@ -156,29 +158,44 @@ class StationProxy:
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
             q = self.settings.queue
+            # Sealed at rest unless told otherwise: without key_file, a key beside the queue.
+            auto = q.encrypt and self._key is None and q.key_file is None
             opener = DurableQueue.open(
                 q.path,
                 max_bytes=q.max_bytes,
                 max_age=q.max_age,
                 key=self._key,
                 max_batch=1024 if q.group_commit else 1,
+                auto_key=default_key_path(q.path) if auto else None,
             )
-            # QueueKeyError (wrong or missing key) propagates from here: fail fast.
+            # QueueKeyError (wrong or missing key) and QueueForeignError propagate from
+            # here: fail fast. A damaged file opens in the damaged state (see health()).
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
             self._file_time.resync()
             file_now = self._file_time.now()
             wait = self.settings.replay.backoff_max
-            if clamped := await self._queue.clamp_future(now=file_now, max_wait=wait):
+            damaged = self._queue.damaged is not None
+            if not damaged and (
+                clamped := await self._queue.clamp_future(now=file_now, max_wait=wait)
+            ):
                 log.warning("proxy_queue_times_in_future", entries=clamped)
-            self._stats = await self._queue.stats(now=file_now)
+            # A damaged file may not even answer these: healthz and the alert say so.
+            with contextlib.suppress(QueueError):
+                self._stats = await self._queue.stats(now=file_now)
             try:
                 self._watch = BacklogWatch(self._queue.path)
             except sqlite3.Error as exc:
                 raise QueueError(f"{self._queue.path}: cannot watch the queue: {exc}") from exc
             stack.callback(self._watch.close)
-            self._depth = self._watch.refresh(force=True) or 0
-            self._last_delivered = await self._queue.last_delivered_at()
+            try:
+                self._depth = self._watch.refresh(force=True) or 0
+            except sqlite3.Error:
+                if not damaged:
+                    raise
+                self._depth = self._stats.depth if self._stats else 0
+            with contextlib.suppress(QueueError):
+                self._last_delivered = await self._queue.last_delivered_at()
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
@@ -190,7 +207,7 @@ class StationProxy:
                 clock=self._clock,
                 file_time=self._file_time,
                 is_peak=self._is_peak,
-                active=lambda: self.mode != "offline",
+                active=lambda: self.mode != "offline" and self.queue.damaged is None,
                 on_result=self._replayed,
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
@@ -348,14 +365,19 @@ class StationProxy:
     async def ticket(self, ticket: str) -> Entry | None:
         return await self.queue.get(ticket)
 
-    async def healthy(self) -> bool:
+    async def health(self) -> dict[str, str] | None:
+        """None when the queue can take writes, else why not (for ``/_netwatch/healthz``)."""
+        if self.queue.health == "damaged":
+            return {"error": "queue_damaged", "reason": "the queue file is damaged"}
+        if self.queue.health == "disk_full":
+            return {"error": "queue_unwritable", "reason": "disk full"}
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await self.queue.stats(now=self._file_time.now())
         except Exception:  # any failure means "not usable"; logged
             log.warning("proxy_queue_unhealthy", exc_info=True)
-            return False
-        return True
+            return {"error": "queue_unusable", "reason": "the queue does not answer"}
+        return None
 
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
         lag = now - entry.queued_at if outcome == "delivered" else None
@@ -429,6 +451,8 @@ class StationProxy:
         return True
 
     async def _expire(self) -> int:
+        if self.queue.damaged is not None:  # logged once when found; nothing to write
+            return 0
         try:
             expired = await self.queue.expire(now=self._file_time.now())
         except Exception:  # housekeeping must outlive a bad moment of the disk
@@ -445,17 +469,35 @@ class StationProxy:
         # The backlog from the file: catches what another process did (a retry of dead
         # letters) even while no station writes, and corrects this process's estimate.
         self._sync(force=True)
+        queue = self.queue
+        if queue.health == "disk_full":
+            # Nothing else may write for a while (online, no backlog): find out ourselves
+            # when there is room again.
+            with contextlib.suppress(QueueError):
+                await queue.check_writable()
         try:
-            stats = await self.queue.stats(now=self._file_time.now())
-        except Exception:  # logged; the last good figures stay exported
-            log.exception("proxy_stats_failed")
-            return
+            stats = await queue.stats(now=self._file_time.now())
+        except Exception:  # logged (a damaged file once, when found); the last figures stay
+            if queue.damaged is None:
+                log.exception("proxy_stats_failed")
+            if self._stats is None:
+                return
+            stats = self._stats
         self._stats = stats
         self.metrics.queue_stats = stats
-        key = (stats.depth, stats.dead)
+        key = (stats.depth, stats.dead, queue.health, stats.unreadable)
         if force_publish or key != self._published:
             self._published = key
-            self.hub.publish(QueueStats(self.site_id, stats.depth, stats.oldest_age_s, stats.dead))
+            self.hub.publish(
+                QueueStats(
+                    self.site_id,
+                    stats.depth,
+                    stats.oldest_age_s,
+                    stats.dead,
+                    health=queue.health,
+                    unreadable=stats.unreadable,
+                )
+            )
 
     # --- status -----------------------------------------------------------------------------
 
@@ -487,6 +529,8 @@ class StationProxy:
                 "oldest_age_s": round(stats.oldest_age_s, 3),
                 "bytes": stats.bytes,
                 "dead": stats.dead,
+                "unreadable": stats.unreadable,
+                "health": self.queue.health,
             },
             "replay": {
                 "in_flight": self._replayer.in_flight if self._replayer else 0,
