@@ -146,7 +146,7 @@ def check_config(path: Path, skip_files: bool) -> None:
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "icmp", "udp"]),
-    help="path: icmp (root) or udp; auto picks icmp as root.",
+    help="path: icmp (root or CAP_NET_RAW) or udp; auto picks icmp when allowed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def probe(

@@ -10,6 +10,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -142,6 +143,8 @@ def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> di
     """The status of a site daemon, or of a stand-alone ``netwatch proxy`` (which has only
     its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets).
     ``token``: the bearer token (``metrics.token`` or ``proxy.admin_token``)."""
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {url!r}: expected the daemon's http://HOST:PORT")
     base = url.rstrip("/")
     endpoint = base + "/api/v1/status"
     try:
@@ -186,6 +189,19 @@ def _local(iso: str | None, zone: ZoneInfo | None) -> str:
     return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _short(iso: str | None, zone: ZoneInfo | None) -> str:
+    """A time for a table column, short enough for an 80-column terminal: the time of day
+    in the site's time zone when it is today there, else month-day and minutes."""
+    if not iso:
+        return "-"
+    try:
+        at = datetime.fromisoformat(iso).astimezone(zone)
+    except ValueError:
+        return iso
+    same_day = at.date() == datetime.now(at.tzinfo).date()
+    return at.strftime("%H:%M:%S" if same_day else "%m-%d %H:%M")
+
+
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     zone, zone_name = _zone(data)
@@ -206,18 +222,18 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     if not data.get("targets"):
         _render_proxy(console, data)
         return
+    # Light borders and unwrapped columns: the whole table fits an 80-column terminal.
     table = Table(
-        "target",
-        "type",
-        "role",
-        "state",
-        "since",
-        "latency",
-        "loss",
-        "last error",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
         caption=f"times in {zone_name}",
         caption_justify="left",
     )
+    for header in ("target", "type", "role", "state", "since", "latency", "loss"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("error", overflow="fold")  # of the last probe
     for t in data.get("targets", []):
         last = t.get("last") or {}
         state = t.get("state", "unknown")
@@ -227,7 +243,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             t.get("type"),
             t.get("role", "service"),
             f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
-            _local(t.get("since"), zone),
+            _short(t.get("since"), zone),
             "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
             "-" if loss is None else f"{loss:.0%}",
             last.get("error") or "",
@@ -249,7 +265,7 @@ def _render_fault(console: Console, data: dict[str, Any]) -> None:
         return
     domain = fault.get("domain", "none")
     style = "green" if domain == "none" else "bold red"
-    line = f"fault [{style}]{domain}[/] since {(fault.get('since') or '-')[:19]}"
+    line = f"fault [{style}]{domain}[/] since {_local(fault.get('since'), _zone(data)[0])}"
     if domain != "none":
         line += f" ({fault.get('reason', '')})"
     if fault.get("degraded", "none") not in ("none", domain):
@@ -272,6 +288,10 @@ def _render_proxy(console: Console, data: dict[str, Any]) -> None:
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )
+    elif data.get("mode"):  # a site without a proxy still has the mode its stations follow
+        mode = data["mode"].get("mode", "?")
+        reason = data["mode"].get("reason", "")
+        console.print(f"mode [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({reason})")
     mqtt = data.get("mqtt")
     if mqtt:
         console.print(f"mqtt {'connected' if mqtt.get('connected') else 'disconnected'}")

@@ -62,7 +62,8 @@ def path_line(name: str, path: dict[str, Any]) -> str:
     if path.get("reached"):
         loss = path.get("loss_from")
         tail = f", loss from hop {loss}" if loss else ""
-        return f"path {name}: reached in {len(hops)} hops{tail}  {route}"
+        count = f"{len(hops)} hop{'s' if len(hops) != 1 else ''}"
+        return f"path {name}: reached in {count}{tail}  {route}"
     return (
         f"path {name}: [bold red]not reached[/], last answer hop {path.get('last_hop') or '-'}, "
         f"loss from hop {path.get('loss_from') or '-'}  {route}"

@@ -109,6 +109,11 @@ class SiteMode:
             )
 
 
+def site_labels(config: Config) -> dict[str, str]:
+    """The site labels the MQTT ``status`` carries."""
+    return {"district": config.site.district, "isp": config.site.isp}
+
+
 class Extras:
     """Holds whatever optional components the config asks for."""
 
@@ -138,7 +143,7 @@ class Extras:
                 __version__,
                 daemon.registry,
                 on_mode_command=self.command,
-                labels={"district": config.site.district, "isp": config.site.isp},
+                labels=site_labels(config),
             )
             self.bridge.publish_fault(daemon.fault_event())
         elif config.mqtt is not None:
@@ -197,6 +202,14 @@ class Extras:
         for section in ("proxy", "mqtt", "notify"):
             if getattr(old, section) != getattr(config, section):
                 log.warning("config_section_needs_restart", section=section)
+        if self.bridge is not None and old.site != config.site:
+            self.bridge.publish_labels(site_labels(config))
+        kept = {t.name for t in config.targets}
+        for target in old.targets:
+            if target.name not in kept:
+                if self.bridge is not None:
+                    self.bridge.forget_link(target.name)
+                self._send_alerts(self.alerts.forget(target.name, Instant.of(self._daemon.clock)))
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

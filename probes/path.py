@@ -15,7 +15,8 @@ until the overall deadline. Two transports (``probes._trace``), picked by ``prot
     routers' "time exceeded" and the destination's "port unreachable" come back on the
     socket's error queue, with the address of the sender. Needs no privilege (Linux).
 ``auto``
-    ``icmp`` when running as root, else ``udp``.
+    ``icmp`` when the process may open raw sockets (root, or CAP_NET_RAW as the installed
+    systemd unit grants it), else ``udp``.
 
 The result's ``details`` carry ``probes_sent`` (packets of the whole trace), the hops
 (``hop``, ``address``, ``addresses``, ``sent``, ``received``, ``loss``, ``rtt_avg`` /
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +43,8 @@ import icmplib
 
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._trace import Answer, IcmpTransport, Reply, Transport, UdpTransport
-from probes._util import classify, failure, resolve
+from probes._util import classify, failure, literal_address, resolve
+from probes.icmp import has_net_raw
 
 Protocol_ = Literal["auto", "icmp", "udp"]
 
@@ -214,7 +216,7 @@ class PathProbe:
 
     def _protocol(self) -> Literal["icmp", "udp"]:
         if self.protocol == "auto":
-            return "icmp" if os.geteuid() == 0 else "udp"
+            return "icmp" if has_net_raw() else "udp"
         return self.protocol
 
     async def run(self, timeout: float) -> ProbeResult:
@@ -223,7 +225,7 @@ class PathProbe:
         try:
             async with asyncio.timeout(timeout):
                 address = await self._resolve()
-            version = 6 if icmplib.is_ipv6_address(address) else 4
+            version = 6 if ":" in address else 4
             transport = self._open(protocol, address, version)
         except (icmplib.SocketPermissionError, PermissionError):
             return failure(self.type, self.host, ERROR_PERMISSION, PERMISSION_HINT)
@@ -247,10 +249,17 @@ class PathProbe:
         return self._result(address, protocol, trace, send_errors if not replies else [])
 
     async def _resolve(self) -> str:
-        if icmplib.is_ipv4_address(self.host) or icmplib.is_ipv6_address(self.host):
-            return self.host
-        _, sockaddr = await resolve(self.host, 0)
-        return str(sockaddr[0])
+        # Not icmplib.is_ipv6_address: it takes anything with a colon ("host:80") for IPv6.
+        literal = literal_address(self.host, 0)
+        _, sockaddr = literal if literal is not None else await resolve(self.host, 0)
+        address = str(sockaddr[0])
+        if ":" in address:
+            # An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is an IPv4 path: its ICMP errors
+            # come back as IPv4 ones, which an IPv6 socket's error queue does not parse.
+            mapped = ipaddress.IPv6Address(address.split("%", 1)[0]).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+        return address
 
     def _open(self, protocol: str, address: str, version: int) -> Transport:
         if protocol == "icmp":
@@ -321,6 +330,13 @@ class PathProbe:
             if last is not None and last["unreachable"]:
                 error = ERROR_UNREACHABLE
                 message = f"hop {last['hop']} ({last['address']}) reports the host unreachable"
+            elif last is not None and last["received"] and where == self.max_hops:
+                # Not the network: the path goes on past the trace's end.
+                error = ERROR_TIMEOUT
+                message = (
+                    f"not reached within max_hops {self.max_hops}: hop {where} answered, "
+                    "the host is farther (raise max_hops)"
+                )
             else:
                 error = ERROR_TIMEOUT
                 message = (

@@ -253,3 +253,14 @@ def test_a_local_firewall_refusing_the_probes_is_named(chain: NetChain) -> None:
     assert code == 1
     assert result["error"] == "unreachable"
     assert result["message"].startswith("cannot send: ")
+
+
+def test_a_trace_cut_short_by_max_hops_says_so(chain: NetChain) -> None:
+    # The path answers at every hop; the trace just stops before the destination.
+    code, result = trace(chain, "--protocol", "icmp", "--max-hops", "2")
+    assert code == 1
+    details = result["details"]
+    assert (details["reached"], details["last_hop"], details["loss_from"]) == (False, 2, None)
+    assert result["message"] == (
+        "not reached within max_hops 2: hop 2 answered, the host is farther (raise max_hops)"
+    )

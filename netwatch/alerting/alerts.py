@@ -190,6 +190,17 @@ class AlertState:
             )
         return out
 
+    def forget(self, target: str, now: Instant) -> list[AlertEvent]:
+        """A target removed from the config: nothing would ever clear its open alerts, so
+        they are resolved now (a receiver must not keep a page open for it forever)."""
+        out: list[AlertEvent] = []
+        for key in [k for k in self._active if k[1] == target]:
+            active = self._active.pop(key)
+            if active.cleared_at is None:
+                active.cleared_at, active.cleared_mono = now.wall, now.mono
+            out.append(self._event(key, "resolved", active.cleared_at, active))
+        return out
+
     def tick(self, now: Instant) -> list[AlertEvent]:
         """Resolve every alert that has stayed clear for ``hold_down`` seconds by ``now``."""
         out: list[AlertEvent] = []

@@ -32,6 +32,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -39,6 +40,7 @@ from netwatch.config.errors import translate
 from netwatch.config.units import (
     Days,
     Duration,
+    Host,
     HttpUrl,
     Listen,
     MqttUrl,
@@ -55,6 +57,7 @@ from netwatch.config.units import (
 )
 from netwatch.config.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
 from netwatch.errors import ConfigError
+from probes.path import trace_budget
 
 __all__ = [
     "AnyTarget",
@@ -166,7 +169,7 @@ class _TargetBase(Frozen):
 
 class IcmpTarget(_TargetBase):
     type: Literal["icmp"]
-    host: str
+    host: Host
     count: Annotated[int, Field(ge=1, le=100)] = 5
     spacing: Duration = 0.2
     privileged: Annotated[Literal["auto", "yes", "no"], BeforeValidator(_yes_no)] = "auto"
@@ -175,7 +178,7 @@ class IcmpTarget(_TargetBase):
 
 class TcpTarget(_TargetBase):
     type: Literal["tcp"]
-    host: str
+    host: Host
     port: Port
 
 
@@ -209,7 +212,7 @@ class DnsTarget(_TargetBase):
 
 class TlsTarget(_TargetBase):
     type: Literal["tls"]
-    host: str
+    host: Host
     port: Port = 443
     server_name: OptionalText = None
     verify: bool = True
@@ -218,7 +221,7 @@ class TlsTarget(_TargetBase):
 
 class PathTarget(_TargetBase):
     type: Literal["path"]
-    host: str
+    host: Host
     # A trace costs max_hops x rounds packets: its own, slower default interval.
     interval: Duration | None = 60.0
     rounds: Annotated[int, Field(ge=1, le=20)] = 3
@@ -226,6 +229,21 @@ class PathTarget(_TargetBase):
     spacing: Duration = 0.5
     protocol: Literal["auto", "icmp", "udp"] = "auto"
     port: Annotated[int, Field(ge=1024, le=64000)] = 33434
+
+    @field_validator("port")
+    @classmethod
+    def _port_needs_udp(cls, port: int, info: ValidationInfo) -> int:
+        # Runs only when port is written (defaults are not validated).
+        if info.data.get("protocol") == "icmp":
+            raise ValueError(
+                "port is used by protocol udp only (an icmp trace has no port): "
+                "drop port, or use protocol udp or auto"
+            )
+        return port
+
+    def worst_case(self, timeout: float) -> float:
+        """How long one trace may take when nothing answers (the runner's budget)."""
+        return trace_budget(timeout, self.rounds, self.spacing, self.max_hops)
 
 
 AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget | PathTarget
@@ -346,9 +364,31 @@ class Config(Frozen):
             return self
         guards = self.proxy.guard if self.proxy is not None else ()
         problems = _cross_problems([t.name for t in self.targets], guards)
+        problems += self.timing_problems()
         if problems:
             raise ValueError("; ".join(f"{format_path(p)}: {m}" for p, m in problems))
         return self
+
+    def timing_problems(self) -> list[tuple[KeyPath, str]]:
+        """Traces that cannot finish within their interval: every round would be skipped
+        while the path is broken, exactly when the trace is wanted."""
+        problems: list[tuple[KeyPath, str]] = []
+        for index, target in enumerate(self.targets):
+            if target.type != "path":
+                continue
+            interval, timeout = self.interval_of(target), self.timeout_of(target)
+            worst = target.worst_case(timeout)
+            if interval < worst:
+                problems.append(
+                    (
+                        ("targets", index, "interval"),
+                        f"interval {interval:g}s is shorter than one trace may take "
+                        f"({worst:.1f}s: timeout {timeout:g}s, {target.rounds} rounds "
+                        f"{target.spacing:g}s apart, up to {target.max_hops} hops): raise "
+                        "interval, or lower timeout, rounds, spacing or max_hops",
+                    )
+                )
+        return problems
 
     def interval_of(self, target: AnyTarget) -> float:
         return target.interval or self.defaults.interval
@@ -412,6 +452,8 @@ def parse_config(
         for problem in translate(exc, doc, Config):
             if not any(problem.path[: len(k)] == k for k in known):
                 problems.append(problem)
+    if config is not None:
+        problems += [Problem(doc.line_of(p), p, m) for p, m in config.timing_problems()]
     if problems or config is None:
         problems.sort(key=lambda p: p.line)
         raise ConfigError(

@@ -8,6 +8,7 @@ because pydantic only turns ``ValueError``/``AssertionError`` into validation er
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -147,6 +148,25 @@ def check_name(value: str) -> str:
     return value
 
 
+def check_host(value: str) -> str:
+    """A host name or an IP address; an IPv6 literal may come bracketed (kept bare)."""
+    if not value.strip():
+        raise ValueError("a host is needed (a name or an IP address)")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not a host name or IP address (it has spaces)")
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if ":" in bare or bare != value:
+        # Only an IPv6 literal has colons; anything else is HOST:PORT or a typo, which the
+        # resolver would only report at run time, as a name that does not resolve.
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a host name or IP address (HOST:PORT? the port is its own key)"
+            ) from None
+    return bare
+
+
 def check_http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"{value!r} is not an http:// or https:// URL")
@@ -167,5 +187,6 @@ Days = Annotated[tuple[str, ...], BeforeValidator(parse_days)]
 Listen = Annotated[str, AfterValidator(check_listen)]
 Timezone = Annotated[str, AfterValidator(check_timezone)]
 Name = Annotated[str, AfterValidator(check_name)]
+Host = Annotated[str, AfterValidator(check_host)]
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 MqttUrl = Annotated[str, AfterValidator(check_mqtt_url)]

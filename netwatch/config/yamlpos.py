@@ -106,6 +106,9 @@ def _load(text: str, env: Mapping[str, str], loader_class: Any) -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "not valid YAML"
+        if problem == "expected the node content, but found ':'":
+            # The usual cause: an unquoted IPv6 address in a {flow: mapping}.
+            problem += ' (quote values that start with a colon, such as host: "::1")'
         raise YamlSyntaxError(mark.line + 1 if mark else 1, problem) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(1, str(exc)) from None

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from netwatch.config.schema import Config
 from netwatch.monitor import fault
 from netwatch.monitor.runner import TargetRuntime
+from probes import ERROR_PERMISSION
 
 log = structlog.get_logger("netwatch.monitor.city")
 
@@ -39,7 +40,17 @@ FaultListener = Callable[[fault.FaultStatus], None]
 
 
 def _links(targets: Mapping[str, TargetRuntime]) -> list[tuple[str, str, str]]:
-    return [(name, rt.spec.role, rt.status.state.value) for name, rt in targets.items()]
+    return [(name, rt.spec.role, _path_state(rt)) for name, rt in targets.items()]
+
+
+def _path_state(rt: TargetRuntime) -> str:
+    """The target's link state as evidence about the path. A probe this host is not allowed
+    to send (no raw socket) says nothing about the network: ``unknown`` to the verdict, so
+    a daemon without CAP_NET_RAW does not send the NOC to a LAN that is fine. The link
+    state itself (and its alert, which names the error) is unchanged."""
+    if rt.last is not None and rt.last.error == ERROR_PERMISSION:
+        return "unknown"
+    return rt.status.state.value
 
 
 class SiteFault:
@@ -170,15 +181,18 @@ def _path_families(site: str, targets: Mapping[str, TargetRuntime]) -> Iterator[
     )
     for name, rt in targets.items():
         last = rt.last
-        if rt.spec.type != "path" or last is None or "hops" not in last.details:
+        if rt.spec.type != "path" or last is None:
             continue
+        # A trace that could not start (no address, no permission, a hung probe) has no
+        # hops: it still did not reach, and says so rather than vanishing.
         details = last.details
+        trace = details.get("hops", [])
         key = [site, name]
-        hops.add_metric(key, len(details["hops"]))
-        reached.add_metric(key, 1.0 if details["reached"] else 0.0)
-        last_hop.add_metric(key, details["last_hop"])
-        loss_from.add_metric(key, details["loss_from"] or 0)
-        for hop in details["hops"]:
+        hops.add_metric(key, len(trace))
+        reached.add_metric(key, 1.0 if last.success and details.get("reached") else 0.0)
+        last_hop.add_metric(key, details.get("last_hop", 0))
+        loss_from.add_metric(key, details.get("loss_from") or 0)
+        for hop in trace:
             index = [*key, str(hop["hop"])]
             if hop["rtt_avg"] is not None:
                 rtt.add_metric(index, hop["rtt_avg"])

@@ -134,13 +134,16 @@ class Monitor:
             if old is None:
                 self._start_target(spec)
                 added.append(name)
-            elif old != spec or (
+            elif old.model_copy(update={"role": spec.role}) != spec or (
                 defaults_changed and (spec.interval is None or spec.timeout is None)
             ):
                 self._stop_target(name)
                 self._start_target(spec)
                 changed.append(name)
             else:
+                # A new role changes only where the fault verdict puts the target: its
+                # probe, link state and outage keep running (a restart would reset them).
+                self.targets[name].spec = spec
                 kept.append(name)
         return {"kept": kept, "changed": changed, "added": added, "removed": removed}
 

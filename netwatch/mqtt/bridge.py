@@ -300,8 +300,31 @@ class MqttBridge:
     def publish_fault(self, event: SiteFaultChanged) -> None:
         self._submit(lambda: self._set_fault(event.fault, event.since))
 
+    def forget_link(self, target: str) -> None:
+        """A target gone from the config: delete its retained state (an empty payload), so
+        that no subscriber keeps seeing it, down, forever."""
+        self._submit(lambda: self._clear_retained(self.topic("link", target)))
+
+    def _clear_retained(self, topic: str) -> None:
+        # Even when this process never published it: the state may be a previous run's.
+        self._retained[topic] = b""
+        self._dirty[topic] = None
+        self._wakeup.set()
+
+    def publish_labels(self, labels: Mapping[str, str]) -> None:
+        """New site labels (a reload): the status carries them from now on."""
+        fresh = dict(labels)
+        self._submit(lambda: self._set_labels(fresh))
+
+    def _set_labels(self, labels: dict[str, str]) -> None:
+        self._labels = labels
+        self._republish_status()
+
     def _set_fault(self, fault: str, since: datetime) -> None:
         self._fault = (fault, since)
+        self._republish_status()
+
+    def _republish_status(self) -> None:
         if self._connected_since is not None:
             status = self.topic("status")
             data = self._status(True, self._connected_since, "connected")
