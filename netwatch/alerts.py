@@ -11,6 +11,8 @@ alert              condition set by     condition cleared by
 ``QueueBacklog``   oldest entry older   oldest entry younger than ``backlog_age``
                    than ``backlog_age``
 ``DeadLetters``    dead letters > 0     no dead letters
+``InDoubt``        writes in doubt      none held any more (resolved, or found by lookup)
+                   held for an operator
 =================  ===================  =====================================================
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
@@ -28,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 from netwatch.events import LinkChanged, QueueStats
 
-AlertName = Literal["LinkDown", "LinkDegraded", "QueueBacklog", "DeadLetters"]
+AlertName = Literal["LinkDown", "LinkDegraded", "QueueBacklog", "DeadLetters", "InDoubt"]
 Status = Literal["firing", "resolved"]
 
 #: The pseudo-target of the station-queue alerts.
@@ -126,11 +128,21 @@ class AlertState:
         out = self.tick(now)
         backlog: _Change = "set" if stats.oldest_age_s > self.policy.backlog_age else "clear"
         dead: _Change = "set" if stats.dead > 0 else "clear"
-        detail = {"depth": stats.depth, "oldest_age_s": stats.oldest_age_s, "dead": stats.dead}
+        # Only held entries need a person: other entries in doubt settle themselves (a
+        # lookup, or a re-send the upstream de-duplicates) and show in the gauge.
+        held: _Change = "set" if stats.held > 0 else "clear"
+        detail = {
+            "depth": stats.depth,
+            "oldest_age_s": stats.oldest_age_s,
+            "dead": stats.dead,
+            "in_doubt": stats.in_doubt,
+            "held": stats.held,
+        }
         since = now - timedelta(seconds=stats.oldest_age_s)
         conditions: tuple[tuple[AlertName, _Change, datetime], ...] = (
             ("QueueBacklog", backlog, since),
             ("DeadLetters", dead, now),
+            ("InDoubt", held, now),
         )
         for alert, change, began in conditions:
             out += self._apply(
@@ -237,6 +249,17 @@ def _summaries(
         return (
             f"[{site}] {d['depth']} station requests queued, oldest waiting {age}{peak_en}",
             f"[{site}] {d['depth']} yêu cầu đang chờ trong hàng đợi, lâu nhất {age}{peak_vi}",
+        )
+    if alert == "InDoubt":
+        return (
+            f"[{site}] {d['held']} writes may or may not have reached the population database "
+            f"(in doubt since {at}{peak_en}); they and the writes behind them wait for an "
+            "operator: `netwatch queue list --in-doubt`, then "
+            "`netwatch queue resolve TICKET --applied|--resend`",
+            f"[{site}] {d['held']} yêu cầu không rõ đã được ghi vào cơ sở dữ liệu dân cư hay chưa "
+            f"(từ {at}{peak_vi}); chúng và các yêu cầu phía sau đang chờ người vận hành: "
+            "`netwatch queue list --in-doubt`, rồi "
+            "`netwatch queue resolve TICKET --applied|--resend`",
         )
     return (
         f"[{site}] {d['dead']} queued requests failed for good (dead letters) since {at}: "

@@ -47,6 +47,8 @@ class QueueStats:
     depth: int
     oldest_age_s: float
     dead: int
+    in_doubt: int = 0  # entries that may have been applied upstream without an answer
+    held: int = 0  # of which held for an operator (`netwatch queue resolve`)
 
 
 Event = LinkChanged | ModeChanged | QueueStats

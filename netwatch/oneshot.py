@@ -176,10 +176,17 @@ def _render_proxy(console: Console, data: dict[str, Any]) -> None:
         mode = proxy.get("mode", "?")
         queue = proxy.get("queue") or {}
         waiting = proxy.get("backlog", queue.get("depth", 0))
+        doubt = proxy.get("in_doubt", 0)
+        held = queue.get("held", 0)
         console.print(
             f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')})  "
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
-            f"{queue.get('dead', 0)} dead"
+            f"{queue.get('dead', 0)} dead, "
+            + (
+                f"[bold yellow]{doubt} in doubt ({held} awaiting an operator)[/]"
+                if doubt
+                else "0 in doubt"
+            )
         )
     mqtt = data.get("mqtt")
     if mqtt:

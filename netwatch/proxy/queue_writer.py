@@ -23,7 +23,7 @@ import structlog
 
 from netwatch.errors import QueueError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0  # the CLI and the daemon share the file; neither holds it for long
 _WAL_TRUNCATE_BYTES = 4 * 1024**2  # truncate the WAL when idle and bigger than this
 _WAL_FORCE_BYTES = 64 * 1024**2  # ... or even when busy, past this
@@ -32,7 +32,7 @@ _CHECKPOINT_EVERY = 1000  # commits between idle truncations regardless of size
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-SCHEMA = """
+_ENTRIES = """
 CREATE TABLE entries (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order, never reused
     id TEXT NOT NULL UNIQUE,                 -- the ticket: 128 random bits
@@ -45,24 +45,33 @@ CREATE TABLE entries (
     idempotency_key TEXT NOT NULL,
     queued_at REAL NOT NULL,
     age_from REAL NOT NULL,                  -- max_age counts from here (operator retry resets)
-    state TEXT NOT NULL CHECK (state IN ('queued', 'delivered', 'dead')),
+    -- in_doubt: held for an operator (``netwatch queue resolve``); it blocks its order key
+    state TEXT NOT NULL CHECK (state IN ('queued', 'in_doubt', 'delivered', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     upstream_status INTEGER,
     upstream_body BLOB,                      -- sealed, capped
     reason TEXT,
     delivered_at REAL,
-    size INTEGER NOT NULL                    -- bytes accounted against max_bytes
+    size INTEGER NOT NULL,                   -- bytes accounted against max_bytes
+    attempt_at REAL,                         -- start of the last attempt to send it
+    in_flight INTEGER NOT NULL DEFAULT 0,    -- 1 from before a send until its outcome
+    doubt INTEGER NOT NULL DEFAULT 0,        -- an attempt may have been applied: unresolved
+    doubts INTEGER NOT NULL DEFAULT 0        -- attempts that ended without a final answer
 );
+"""
+# Held entries stay in the per-key index: the head of a key is found among queued and held
+# entries, and a held head blocks its key.
+_INDEXES = """
 CREATE INDEX entries_state_seq ON entries (state, seq);
-CREATE INDEX entries_queued_key ON entries (order_key, seq) WHERE state = 'queued';
+CREATE INDEX entries_queued_key ON entries (order_key, seq) WHERE state IN ('queued', 'in_doubt');
 CREATE INDEX entries_queued_age ON entries (age_from) WHERE state = 'queued';
-CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
--- Entries and bytes per state, kept by triggers: O(1) positions, depth and max_bytes checks,
--- right across processes (the CLI purging dead letters frees space the daemon sees at once)
--- and across crashes (they commit with the rows they count).
-CREATE TABLE tally (state TEXT PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
-INSERT INTO tally VALUES ('queued', 0, 0), ('delivered', 0, 0), ('dead', 0, 0);
+CREATE INDEX entries_doubt ON entries (state) WHERE doubt = 1;
+"""
+# Entries and bytes per state, kept by triggers: O(1) positions, depth and max_bytes checks,
+# right across processes (the CLI purging dead letters frees space the daemon sees at once)
+# and across crashes (they commit with the rows they count).
+_TRIGGERS = """
 CREATE TRIGGER tally_insert AFTER INSERT ON entries BEGIN
     UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
 END;
@@ -74,6 +83,44 @@ CREATE TRIGGER tally_update AFTER UPDATE OF state, size ON entries BEGIN
     UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
 END;
 """
+SCHEMA = (
+    _ENTRIES
+    + _INDEXES
+    + """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE tally (state TEXT PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO tally VALUES ('queued', 0, 0), ('in_doubt', 0, 0), ('delivered', 0, 0), ('dead', 0, 0);
+"""
+    + _TRIGGERS
+)
+_COPY_V1 = (
+    "INSERT INTO entries (seq, id, order_key, method, path, query, headers, body,"
+    " idempotency_key, queued_at, age_from, state, attempts, next_attempt_at, upstream_status,"
+    " upstream_body, reason, delivered_at, size)"
+    " SELECT seq, id, order_key, method, path, query, headers, body, idempotency_key,"
+    " queued_at, age_from, state, attempts, next_attempt_at, upstream_status, upstream_body,"
+    " reason, delivered_at, size FROM entries_v1"
+)
+
+
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2: in-doubt bookkeeping, and the state ``in_doubt`` (a CHECK constraint
+    cannot be altered in place, so the table is rebuilt; seq numbers stay never reused)."""
+    last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+    conn.execute("ALTER TABLE entries RENAME TO entries_v1")
+    for statement in _statements(_ENTRIES):
+        conn.execute(statement)
+    conn.execute(_COPY_V1)
+    conn.execute("DROP TABLE entries_v1")  # and its indexes and triggers
+    for statement in _statements(_INDEXES + _TRIGGERS):
+        conn.execute(statement)
+    conn.execute("INSERT INTO tally VALUES ('in_doubt', 0, 0)")
+    if last is not None:
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'entries'", (last[0],))
+
+
+# Upgrades of an existing file: MIGRATIONS[n] turns version n - 1 into version n.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _migrate_to_2}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -104,6 +151,10 @@ def prepare(
         if version == 0:
             for statement in _statements(SCHEMA):
                 conn.execute(statement)
+        else:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](conn)
+        if version != SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         check(conn)
 
@@ -133,9 +184,10 @@ def _statements(script: str) -> Iterator[str]:
 
 
 def read_tally(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(queued entries, dead entries, bytes of queued + dead entries)."""
+    """(queued entries, dead entries, bytes of every entry not delivered)."""
     rows = {state: (n, size) for state, n, size in conn.execute("SELECT * FROM tally")}
-    return rows["queued"][0], rows["dead"][0], rows["queued"][1] + rows["dead"][1]
+    used = rows["queued"][1] + rows["dead"][1] + rows["in_doubt"][1]
+    return rows["queued"][0], rows["dead"][0], used
 
 
 def file_size(path: Path) -> int:

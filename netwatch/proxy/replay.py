@@ -10,6 +10,13 @@ Verdicts: 2xx/3xx delivered; 408/425/429/5xx and network errors retried later (j
 exponential backoff, never earlier than the upstream's ``Retry-After``); any other 4xx a
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
+
+In doubt (see ``dedupe.py``): before a batch is sent, its attempts are recorded in one
+commit, so a proxy killed mid-attempt knows on restart which entries may have been applied.
+A failure after the request may have been written leaves the entry in doubt; its next turn
+follows its rule's strategy: re-sent (``idempotency-key``), looked up first (``lookup``, no
+sooner than ``settle`` seconds after the doubtful attempt, so a slow upstream has finished
+applying it), or held for an operator (``hold``).
 """
 
 from __future__ import annotations
@@ -26,14 +33,16 @@ from typing import Literal
 import structlog
 
 from netwatch.clock import Clock
-from netwatch.config import Replay
+from netwatch.config import Dedupe, Lookup, Replay
 from netwatch.errors import QueueError
+from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, verdict
 from netwatch.proxy.forward import Reply, UpstreamFailure
 from netwatch.proxy.queue import DurableQueue, Entry
 
 log = structlog.get_logger("netwatch.proxy.replay")
 
-Outcome = Literal["delivered", "retried", "dead"]
+# found: settled by a lookup (the upstream had it); held: left for an operator.
+Outcome = Literal["delivered", "retried", "dead", "found", "held"]
 RETRY_STATUSES = frozenset({408, 425, 429})
 # A Retry-After is honoured, but not one that would park an entry for more than a day.
 RETRY_AFTER_CAP = 24 * 3600.0
@@ -109,7 +118,16 @@ def classify(status: int) -> Outcome:
 
 
 Send = Callable[[Entry], Awaitable[Reply]]
+LookupSend = Callable[[Entry, Lookup, str], Awaitable[int]]  # (entry, lookup, path) -> status
 OnResult = Callable[[Entry, Outcome, float], None]
+
+
+def _always_key(_entry: Entry) -> Dedupe:
+    return "idempotency-key"
+
+
+async def _no_lookup(_entry: Entry, _lookup: Lookup, _path: str) -> int:
+    raise AssertionError("no lookup sender given for a lookup strategy")
 
 
 class Replayer:
@@ -129,6 +147,9 @@ class Replayer:
         concurrency: int = 32,
         poll: float = 0.25,
         rand: Callable[[], float] = random.random,
+        strategy: Callable[[Entry], Dedupe] = _always_key,
+        lookup: LookupSend = _no_lookup,
+        settle: float = 0.0,
     ) -> None:
         self._queue = queue
         self._send = send
@@ -141,6 +162,9 @@ class Replayer:
         self._concurrency = concurrency
         self._poll = poll
         self._rand = rand
+        self._strategy = strategy
+        self._lookup = lookup
+        self._settle = settle
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max)
         self.bucket = TokenBucket(self.rate, clock.monotonic())
         self._in_flight: set[str] = set()  # order keys
@@ -176,14 +200,39 @@ class Replayer:
                 if not batch:
                     await self._nap(self._poll)
                     continue
+                # Entries that may go now are launched together, after one commit that
+                # records their attempts (paced ones go as their tokens come).
+                ready: list[Entry] = []
                 for entry in batch:
                     wait = self.bucket.take(self._clock.monotonic())
                     if wait > 0:
+                        await self._launch(ready, workers)
+                        ready = []
                         await asyncio.sleep(wait)
                     if not self._active():
                         break
                     self._in_flight.add(entry.order_key)
-                    workers.create_task(self._attempt(entry), name=f"replay-{entry.id}")
+                    ready.append(entry)
+                await self._launch(ready, workers)
+
+    def _sends_at_once(self, entry: Entry) -> bool:
+        """Whether the entry's turn begins with sending it (not with a lookup or a hold)."""
+        return not entry.doubt or self._strategy(entry) == "idempotency-key"
+
+    async def _launch(self, entries: list[Entry], workers: asyncio.TaskGroup) -> None:
+        sending = [e.id for e in entries if self._sends_at_once(e)]
+        if sending:
+            try:
+                await self._queue.mark_attempting(sending, now=self._clock.now().timestamp())
+            except QueueError:
+                # Never send without the record: these wait for the next round.
+                log.exception("replay_queue_write_failed")
+                for entry in entries:
+                    self._in_flight.discard(entry.order_key)
+                await asyncio.sleep(self._poll)
+                return
+        for entry in entries:
+            workers.create_task(self._attempt(entry), name=f"replay-{entry.id}")
 
     async def _next_batch(self, free: int) -> list[Entry]:
         # An attempt that settles while this read runs may still show up in its snapshot,
@@ -215,12 +264,26 @@ class Replayer:
             self._wake.set()
 
     async def _deliver(self, entry: Entry) -> None:
+        strategy = self._strategy(entry)
+        if not self._sends_at_once(entry):
+            if isinstance(strategy, str):  # hold (idempotency-key sends at once)
+                await self._hold(entry, "in doubt: awaiting an operator", in_doubt=False)
+                return
+            if await self._settled_by_lookup(entry, strategy.lookup):
+                return
+            # The upstream does not have it: send it, recording the attempt first.
+            await self._queue.mark_attempting([entry.id], now=self._clock.now().timestamp())
         try:
             reply = await self._send(entry)
         except UpstreamFailure as failure:
             self._on_network_error(failure.reason)
-            await self._retry(entry, None, None)
-            log.info("replay_retry", ticket=entry.id, reason=failure.reason)
+            if failure.in_doubt and strategy == "hold":
+                await self._hold(entry, f"in doubt: {failure.reason}", in_doubt=True)
+                return
+            await self._retry(entry, None, None, in_doubt=failure.in_doubt)
+            log.info(
+                "replay_retry", ticket=entry.id, reason=failure.reason, in_doubt=failure.in_doubt
+            )
             self._on_result(entry, "retried", self._clock.now().timestamp())
             return
         now = self._clock.now()
@@ -241,7 +304,61 @@ class Replayer:
             log.warning("replay_rejected", ticket=entry.id, status=reply.status)
         self._on_result(entry, verdict, now.timestamp())
 
-    async def _retry(self, entry: Entry, status: int | None, retry_after: float | None) -> None:
+    async def _retry(
+        self,
+        entry: Entry,
+        status: int | None,
+        retry_after: float | None,
+        *,
+        in_doubt: bool = False,
+    ) -> None:
         now = self._clock.now().timestamp()
         delay = self.backoff.delay(entry.attempts + 1, retry_after=retry_after, rand=self._rand)
-        await self._queue.mark_retry(entry.id, status=status, next_attempt_at=now + delay, now=now)
+        await self._queue.mark_retry(
+            entry.id, status=status, next_attempt_at=now + delay, now=now, in_doubt=in_doubt
+        )
+
+    async def _hold(self, entry: Entry, reason: str, *, in_doubt: bool) -> None:
+        now = self._clock.now().timestamp()
+        await self._queue.mark_held(entry.id, reason=reason, in_doubt=in_doubt, now=now)
+        log.warning("replay_held_in_doubt", ticket=entry.id, reason=reason)
+        self._on_result(entry, "held", now)
+
+    async def _settled_by_lookup(self, entry: Entry, lookup: Lookup) -> bool:
+        """Ask the upstream about an entry in doubt. True when this turn is over (found,
+        held, or to be asked again later); False when it is absent: send it."""
+        now = self._clock.now().timestamp()
+        ready_at = (entry.attempt_at or 0.0) + self._settle
+        if ready_at > now:
+            await self._queue.mark_retry(
+                entry.id, status=None, next_attempt_at=ready_at, now=now, attempt=False
+            )
+            return True
+        try:
+            path = render(parse_template(lookup.url), entry)
+        except LookupImpossible as exc:
+            await self._hold(entry, f"lookup impossible: {exc}", in_doubt=False)
+            return True
+        try:
+            status = await self._lookup(entry, lookup, path)
+        except UpstreamFailure as failure:
+            self._on_network_error(failure.reason)
+            status = None
+        found = "unknown" if status is None else verdict(lookup, status)
+        now = self._clock.now().timestamp()
+        if found == "absent":
+            log.info("replay_lookup_absent", ticket=entry.id)
+            return False
+        if found == "applied":
+            assert status is not None
+            await self._queue.mark_delivered(
+                entry.id, status=status, now=now, reason="found by lookup"
+            )
+            log.info("replay_found_by_lookup", ticket=entry.id, status=status)
+            self._on_result(entry, "found", now)
+            return True
+        # No verdict (a network error, or a status that is neither): ask again later.
+        await self._retry(entry, None, None)
+        log.info("replay_lookup_unsettled", ticket=entry.id, status=status)
+        self._on_result(entry, "retried", now)
+        return True

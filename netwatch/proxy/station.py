@@ -12,6 +12,10 @@ wired together for the daemon.
 The mode machine is pure; this class feeds it events, applies its effects (metrics, a
 ``ModeChanged`` on the hub, waking the replayer, ending forwards that wait on a dead
 link) and keeps the backlog depth it reasons about close to the truth.
+
+An entry held in doubt for an operator blocks only its own order key: new writes with that
+key are queued behind it whatever the mode, and the entries it holds back do not count as
+backlog (they cannot drain), so every other station keeps working online.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from netwatch.clock import Clock, SystemClock
 from netwatch.config import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
+from netwatch.proxy.dedupe import strategy_for
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -105,11 +110,13 @@ class StationProxy:
         self._replay_concurrency = replay_concurrency
         self._guard: dict[str, bool | None] = dict.fromkeys(settings.guard)
         self._state = machine.initial(self._clock.now())
-        self._depth = 0  # committed queued entries, as far as this process knows
+        self._depth = 0  # committed queued entries that can drain, as far as we know
+        self._held: frozenset[str] = frozenset()  # order keys held for an operator
+        self._held_enqueuing = 0  # enqueues behind a held entry, not yet committed
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
         self._enqueued = 0  # generation counter: detects enqueues racing a stats read
         self._stats: QueueSnapshot | None = None
-        self._published: tuple[int, int] | None = None
+        self._published: tuple[int, int, int, int] | None = None
         self._stack: AsyncExitStack | None = None
         self._queue: DurableQueue | None = None
         self._forwarder: Forwarder | None = None
@@ -130,23 +137,33 @@ class StationProxy:
             )
             # QueueKeyError (wrong or missing key) propagates from here: fail fast.
             self._queue = await stack.enter_async_context(opener)
+            recovered = await self._queue.recover_attempts()
+            if recovered:
+                log.warning("proxy_attempts_in_doubt_after_restart", count=len(recovered))
             now = self._clock.now()
             self._stats = await self._queue.stats(now=now.timestamp())
-            self._depth = self._stats.depth
+            self._depth = self._stats.depth - self._stats.blocked
+            self._held = self._stats.held_keys
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
             self._forwarder = await stack.enter_async_context(Forwarder(self.settings))
+            settings = self.settings
             self._replayer = Replayer(
                 self._queue,
                 self._forwarder.replay,
-                self.settings.replay,
+                settings.replay,
                 clock=self._clock,
                 is_peak=self._is_peak,
                 active=lambda: self.mode != "offline",
                 on_result=self._replayed,
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
+                strategy=lambda e: strategy_for(
+                    settings.replayable, settings.dedupe, e.method, e.path
+                ),
+                lookup=self._forwarder.lookup,
+                settle=settings.request_timeout,
             )
             server = ProxyServer(self.settings, self, self._forwarder, self.metrics, self._registry)
             runner = web.AppRunner(
@@ -257,7 +274,19 @@ class StationProxy:
 
     # --- the queue, for the server and the replayer ----------------------------------------------
 
+    def held(self, order_key: str) -> bool:
+        """An entry of this order key waits for an operator: queue behind it."""
+        return order_key in self._held
+
     async def enqueue(self, new: NewEntry) -> tuple[Entry, int]:
+        if new.order_key in self._held:
+            # Behind a held entry: not backlog that can drain, so the mode ignores it.
+            self._held_enqueuing += 1
+            try:
+                return await self.queue.enqueue(new, now=self._clock.now().timestamp())
+            finally:
+                self._held_enqueuing -= 1
+                self._enqueued += 1
         # Counted as backlog before the commit, so the mode cannot flip to online while a
         # write is on its way to disk (the next write would then overtake it).
         self._enqueuing += 1
@@ -286,8 +315,12 @@ class StationProxy:
         return True
 
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
-        lag = now - entry.queued_at if outcome == "delivered" else None
+        lag = now - entry.queued_at if outcome in {"delivered", "found"} else None
         self.metrics.replayed(outcome, lag)
+        if outcome == "held":
+            # From now on its key's new writes queue behind it; the entries already
+            # behind it leave the backlog at the next refresh.
+            self._held = self._held | {entry.order_key}
         if outcome != "retried":
             self._depth = max(0, self._depth - 1)
             self._backlog()
@@ -330,13 +363,26 @@ class StationProxy:
         # Re-sync the depth from disk (the CLI may retry dead letters behind our back), but
         # not with a read that may predate an enqueue: an undercount could let a new write
         # overtake a queued one, an overcount only delays going online by a second.
-        if generation == self._enqueued and self._enqueuing == 0:
-            self._depth = stats.depth
+        # The held keys too: a read that predates a resolution by the operator would only
+        # keep a key blocked for one more second.
+        quiet = self._enqueuing == 0 and self._held_enqueuing == 0
+        if generation == self._enqueued and quiet:
+            self._depth = stats.depth - stats.blocked
+            self._held = stats.held_keys
             self._backlog()
-        key = (stats.depth, stats.dead)
+        key = (stats.depth, stats.dead, stats.in_doubt, stats.held)
         if force_publish or key != self._published:
             self._published = key
-            self.hub.publish(QueueStats(self.site_id, stats.depth, stats.oldest_age_s, stats.dead))
+            self.hub.publish(
+                QueueStats(
+                    self.site_id,
+                    stats.depth,
+                    stats.oldest_age_s,
+                    stats.dead,
+                    in_doubt=stats.in_doubt,
+                    held=stats.held,
+                )
+            )
 
     # --- status -----------------------------------------------------------------------------
 
@@ -350,6 +396,9 @@ class StationProxy:
             "override": state.override,
             "remote_mode": state.remote,
             "backlog": self._depth + self._enqueuing,  # live; "queue" is the last disk read
+            # Entries that may have been applied upstream without an answer (held for an
+            # operator or not): the staff page shows them as needing attention.
+            "in_doubt": stats.in_doubt if stats else 0,
             "passive_hold_until": state.suspect_until.isoformat() if state.suspect_until else None,
             "guard": {
                 name: ("unknown" if ok is None else "ok" if ok else "down")
@@ -362,6 +411,9 @@ class StationProxy:
                 "oldest_age_s": round(stats.oldest_age_s, 3),
                 "bytes": stats.bytes,
                 "dead": stats.dead,
+                "in_doubt": stats.in_doubt,
+                "held": stats.held,
+                "blocked": stats.blocked,
             },
             "replay": {
                 "in_flight": self._replayer.in_flight if self._replayer else 0,
