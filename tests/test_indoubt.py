@@ -32,16 +32,9 @@ from helpers.daemon import eventually, free_tcp_port
 from helpers.relay import FaultRelay
 from helpers.stations import ProxyProcess, proxy_config
 
+from netwatch.demo import LOOKUP  # {lookup: GET /api/applications/{body.application_no}}
 from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
-LOOKUP = {
-    "lookup": {
-        "method": "GET",
-        "url": "/api/applications/{body.application_no}",
-        "applied": [200],
-        "absent": [404],
-    }
-}
 STRATEGIES: dict[str, Any] = {
     "idempotency-key": "idempotency-key",
     "lookup": LOOKUP,
