@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -125,21 +124,24 @@ class Lab:
             float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
         )
 
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "netwatch", "queue", *args, "-c", str(self.proxy.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+    async def cli(self, *args: str) -> str:
+        """``netwatch queue ARGS -c CONFIG`` in a subprocess, as an operator runs it (awaited:
+        the simulator in this process must keep answering meanwhile)."""
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "netwatch", "queue", *args),
+            *("-c", str(self.proxy.config_path)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
 
     async def operator_resolves(self) -> int:
         """What an operator does: list the entries in doubt, look each one up in the
         population database, and say whether it is there."""
-        waiting = json.loads(self.cli("list", "--in-doubt", "--json"))
+        waiting = json.loads(await self.cli("list", "--in-doubt", "--json"))
         count = 0
         async with aiohttp.ClientSession() as session:
             for entry in waiting:
@@ -148,7 +150,7 @@ class Lab:
                 key = entry["idempotency_key"]
                 async with session.get(f"{self.sim.url}/api/applications/by-key/{key}") as resp:
                     verdict = "--applied" if resp.status == 200 else "--resend"
-                out = self.cli("resolve", entry["ticket"], verdict)
+                out = await self.cli("resolve", entry["ticket"], verdict)
                 assert entry["ticket"] in out
                 self.resolved.append((entry["ticket"], verdict))
                 count += 1

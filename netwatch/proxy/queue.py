@@ -326,6 +326,33 @@ class DurableQueue:
 
         await self._write(run)
 
+    async def claim(
+        self,
+        *,
+        now: float,
+        limit: int,
+        skip: Callable[[Entry], bool],
+        sends: Callable[[Entry], bool],
+    ) -> builtins.list[Entry]:
+        """``ready`` heads, minus those ``skip`` refuses, and the attempt record of those
+        that ``sends`` says are sent at once, in ONE job of the writer: it shares the group
+        commit of the deliveries around it, so the record costs the replay no fsync of its
+        own. Returns the entries as read (before the record)."""
+
+        def run(txn: Txn) -> builtins.list[Entry]:
+            cursor = txn.conn.cursor()
+            cursor.row_factory = sqlite3.Row  # the writer's connection yields tuples
+            rows = cursor.execute(_READY_SQL, (now, limit)).fetchall()
+            heads = [e for e in map(self._to_entry, rows) if not skip(e)]
+            marks = [(now, e.id) for e in heads if sends(e)]
+            if marks:
+                txn.conn.executemany(
+                    "UPDATE entries SET in_flight = 1, attempt_at = ? WHERE id = ?", marks
+                )
+            return heads
+
+        return await self._write(run)
+
     async def recover_attempts(self) -> builtins.list[str]:
         """Entries whose send was in flight when the process died are in doubt now.
         Only the process that sends (the proxy, at start) may call this."""

@@ -11,8 +11,9 @@ exponential backoff, never earlier than the upstream's ``Retry-After``); any oth
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
 
-In doubt (see ``dedupe.py``): before a batch is sent, its attempts are recorded in one
-commit, so a proxy killed mid-attempt knows on restart which entries may have been applied.
+In doubt (see ``dedupe.py``): the batch read from the queue is claimed in the same writer job
+that records its attempts (sharing the group commit of the deliveries around it), so a proxy
+killed mid-attempt knows on restart which entries may have been applied.
 A failure after the request may have been written leaves the entry in doubt; its next turn
 follows its rule's strategy: re-sent (``idempotency-key``), looked up first (``lookup``, no
 sooner than ``settle`` seconds after the doubtful attempt, so a slow upstream has finished
@@ -47,6 +48,7 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 # A Retry-After is honoured, but not one that would park an entry for more than a day.
 RETRY_AFTER_CAP = 24 * 3600.0
 DEAD_BODY_LIMIT = 64 * 1024
+CLAIM_AHEAD_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,6 @@ class Replayer:
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max)
         self.bucket = TokenBucket(self.rate, clock.monotonic())
         self._in_flight: set[str] = set()  # order keys
-        self._settled: set[str] = set()  # ids settled since the current ready() began
         self._wake = asyncio.Event()
 
     def rate(self) -> float:
@@ -200,56 +201,56 @@ class Replayer:
                 if not batch:
                     await self._nap(self._poll)
                     continue
-                # Entries that may go now are launched together, after one commit that
-                # records their attempts (paced ones go as their tokens come).
-                ready: list[Entry] = []
-                for entry in batch:
+                for index, entry in enumerate(batch):
                     wait = self.bucket.take(self._clock.monotonic())
                     if wait > 0:
-                        await self._launch(ready, workers)
-                        ready = []
                         await asyncio.sleep(wait)
                     if not self._active():
+                        # Claimed, never sent: their record only makes a lookup or a
+                        # re-send of the upstream's answer happen if the proxy dies now.
+                        await self._unclaim(batch[index:])
                         break
                     self._in_flight.add(entry.order_key)
-                    ready.append(entry)
-                await self._launch(ready, workers)
+                    workers.create_task(self._attempt(entry), name=f"replay-{entry.id}")
 
     def _sends_at_once(self, entry: Entry) -> bool:
         """Whether the entry's turn begins with sending it (not with a lookup or a hold)."""
         return not entry.doubt or self._strategy(entry) == "idempotency-key"
 
-    async def _launch(self, entries: list[Entry], workers: asyncio.TaskGroup) -> None:
-        sending = [e.id for e in entries if self._sends_at_once(e)]
-        if sending:
-            try:
-                await self._queue.mark_attempting(sending, now=self._clock.now().timestamp())
-            except QueueError:
-                # Never send without the record: these wait for the next round.
-                log.exception("replay_queue_write_failed")
-                for entry in entries:
-                    self._in_flight.discard(entry.order_key)
-                await asyncio.sleep(self._poll)
-                return
+    async def _unclaim(self, entries: list[Entry]) -> None:
+        now = self._clock.now().timestamp()
         for entry in entries:
-            workers.create_task(self._attempt(entry), name=f"replay-{entry.id}")
+            if self._sends_at_once(entry):
+                await self._queue.mark_retry(
+                    entry.id, status=None, next_attempt_at=now, now=now, attempt=False
+                )
 
     async def _next_batch(self, free: int) -> list[Entry]:
-        # An attempt that settles while this read runs may still show up in its snapshot,
-        # as a head whose key is no longer in flight: skip those ids, or it would be sent
-        # twice (and its retry backoff skipped).
-        self._settled.clear()
+        # Claimed in a writer job: an attempt that settled before it is never offered
+        # again, and one still settling has its key in flight (skipped).
+        busy = frozenset(self._in_flight)
+        # Paced, claim only what goes within CLAIM_AHEAD_S: a proxy killed meanwhile
+        # leaves few entries needlessly in doubt.
+        wanted = min(free, max(1, int(self.rate() * CLAIM_AHEAD_S)))
+        taken = 0
+
+        def skip(entry: Entry) -> bool:  # runs on the writer thread: frozen state only
+            nonlocal taken
+            if entry.order_key in busy or taken >= wanted:
+                return True
+            taken += 1
+            return False
+
         try:
-            heads = await self._queue.ready(
-                now=self._clock.now().timestamp(), limit=len(self._in_flight) + free
+            return await self._queue.claim(
+                now=self._clock.now().timestamp(),
+                limit=len(busy) + wanted,
+                skip=skip,
+                sends=self._sends_at_once,
             )
         except QueueError:
             log.exception("replay_queue_read_failed")
             return []
-        fresh = [
-            e for e in heads if e.order_key not in self._in_flight and e.id not in self._settled
-        ]
-        return fresh[:free]
 
     async def _attempt(self, entry: Entry) -> None:
         try:
@@ -259,7 +260,6 @@ class Replayer:
             log.exception("replay_queue_write_failed", ticket=entry.id)
             await asyncio.sleep(self._poll)
         finally:
-            self._settled.add(entry.id)
             self._in_flight.discard(entry.order_key)
             self._wake.set()
 
