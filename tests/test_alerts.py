@@ -183,3 +183,18 @@ def test_any_flapping_sequence_yields_bounded_alternating_alerts(
     counts = Counter((e.alert, e.status) for e in out)
     assert counts[("LinkDown", "firing")] <= 1 + sum(1 for _, n in steps if n == "down")
     assert s.firing == frozenset()
+
+
+def test_in_doubt_fires_while_entries_wait_for_an_operator_in_both_languages() -> None:
+    s = state()
+    # Entries in doubt that settle themselves (lookup, re-send) are not an operator's job.
+    assert s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=0), at(0)) == []
+    [event] = s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=1), at(1), peak=True)
+    assert brief([event]) == [("InDoubt", "firing", "queue")]
+    assert "1 writes may or may not have reached the population database" in event.summary
+    assert "netwatch queue resolve TICKET --applied|--resend" in event.summary
+    assert "không rõ đã được ghi" in event.summary_vi
+    assert "giờ cao điểm" in event.summary_vi
+    assert s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=2), at(2)) == []
+    assert s.on_queue(QueueStats("q1", 0, 0.0, 0, in_doubt=0, held=0), at(3)) == []
+    assert brief(s.tick(at(3 + HOLD))) == [("InDoubt", "resolved", "queue")]

@@ -114,6 +114,32 @@ class Lab:
                 return None
         return status
 
+    async def never_silent_while_held(self, number: str) -> None:
+        """A held entry shows in its ticket, the gauge, the status JSON, ``netwatch status``
+        and ``netwatch queue list --in-doubt``."""
+
+        async def held() -> bool:
+            return bool((await self.ticket(number))["awaiting_operator"])
+
+        await eventually(held, 15, "the entry held for an operator")
+
+        async def counted() -> dict[str, Any] | None:
+            status = await self.proxy.status()
+            return status if status and status["queue"]["held"] == 1 else None
+
+        status = await eventually(counted, 15, "the held entry in /_netwatch/status")
+        assert status["in_doubt"] == 1
+        assert await self.metric("netwatch_queue_in_doubt{") == 1
+        assert await self.metric('netwatch_replay_total{outcome="held"') == 1
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "netwatch", "status", "--url", self.proxy.url),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert "1 in doubt (1 awaiting an operator)" in " ".join(out.decode().split())
+        [listed] = json.loads(await self.cli("list", "--in-doubt", "--json"))
+        assert (listed["ticket"], listed["state"]) == (self.tickets[number], "in_doubt")
+
     async def metric(self, prefix: str) -> float:
         async with (
             aiohttp.ClientSession() as session,
@@ -241,6 +267,8 @@ async def test_online_write_applied_without_an_answer_is_applied_once(lab: Lab, 
             ticket = await lab.ticket("st1-0001")
             assert ticket["state"] == "in_doubt"
             assert ticket["attempts_in_doubt"] == 1
+        if lab.strategy == "hold":
+            await lab.never_silent_while_held("st1-0001")
         # Behind it on its order key, and on another key.
         await lab.post(session, "st1", 2)
         await lab.post(session, "st2", 1)
