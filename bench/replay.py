@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from netwatch.clock import SystemClock
-from netwatch.config import Lookup, LookupDedupe, Proxy, Replayable
+from netwatch.config.schema import Lookup, LookupDedupe, Proxy, Replayable
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.proxy.dedupe import strategy_for
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
 from netwatch.proxy.replay import Outcome, Replayer
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
 UNTHROTTLED = 1e9
 LOOKUP_RULE = Replayable(

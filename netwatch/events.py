@@ -51,7 +51,17 @@ class QueueStats:
     held: int = 0  # of which held for an operator (`netwatch queue resolve`)
 
 
-Event = LinkChanged | ModeChanged | QueueStats
+@dataclass(frozen=True, slots=True)
+class SiteFaultChanged:
+    """Where along the site's path the fault is changed (``netwatch.monitor.fault``)."""
+
+    site: str
+    fault: str
+    since: datetime
+    reason: str
+
+
+Event = LinkChanged | ModeChanged | QueueStats | SiteFaultChanged
 
 
 class EventHub:

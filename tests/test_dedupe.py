@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netwatch.config import Lookup, parse_config
+from netwatch.config.schema import Lookup, parse_config
 from netwatch.errors import ConfigError
 from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, strategy_for, verdict
 from netwatch.proxy.queue import Entry

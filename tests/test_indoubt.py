@@ -31,8 +31,8 @@ from helpers.daemon import eventually, free_tcp_port
 from helpers.relay import FaultRelay
 from helpers.stations import ProxyProcess, proxy_config
 
-from netwatch.demo import LOOKUP  # {lookup: GET /api/applications/{body.application_no}}
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
+from netwatch.demo.run import LOOKUP  # {lookup: GET /api/applications/{body.application_no}}
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 
 STRATEGIES: dict[str, Any] = {
     "idempotency-key": "idempotency-key",

@@ -20,11 +20,11 @@ import trustme
 from helpers.mosquitto import Broker, BrokerTls, run_mosquitto
 from prometheus_client import CollectorRegistry
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Mqtt
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.config.schema import Mqtt
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge, client_options
-from netwatch.mqtt_follower import MqttModeFollower
+from netwatch.mqtt.bridge import MqttBridge, client_options
+from netwatch.mqtt.follower import MqttModeFollower
 
 PREFIX = "nw/v1"
 SITE = "q1-ben-nghe"
@@ -151,7 +151,13 @@ async def test_retained_state_reaches_a_fresh_subscriber_but_alerts_do_not(tmp_p
                 "reason": "popdb-api down",
                 "since": "2026-11-23T01:00:00+00:00",
             }
-            assert body(got[f"{P}/queue"]) == {"depth": 7, "oldest_age_s": 12.3, "dead": 1}
+            assert body(got[f"{P}/queue"]) == {
+                "depth": 7,
+                "oldest_age_s": 12.3,
+                "dead": 1,
+                "in_doubt": 0,
+                "held": 0,
+            }
             assert metric(registry, "netwatch_mqtt_connected") == 1
 
 
@@ -190,6 +196,11 @@ async def test_last_will_marks_the_site_offline_when_the_bridge_is_sigkilled(
             "version": "test",
             "since": online["since"],
             "reason": "connection lost",
+            # City view: offline, the site cannot tell where its fault is.
+            "fault": None,
+            "fault_since": None,
+            "district": "",
+            "isp": "",
         }
         async with subscriber(broker, f"{P}/status") as fresh:  # and it is retained
             got = await receive(fresh, bool)

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from helpers.servers import free_port, wait_for_port
 
-from netwatch.simulator import (
+from netwatch.demo.simulator import (
     DayClock,
     PopulationSimulator,
     SimulatorSettings,
@@ -318,7 +318,15 @@ def test_outage_plan_is_seeded_and_clustered_at_peak_hours() -> None:
 async def test_module_runs_as_a_script() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "netwatch.simulator", "--port", str(port), "--latency-ms", "0"),
+        *(
+            sys.executable,
+            "-m",
+            "netwatch.demo.simulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            "0",
+        ),
         stdout=asyncio.subprocess.PIPE,
     )
     try:

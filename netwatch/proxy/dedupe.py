@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 if TYPE_CHECKING:
-    from netwatch.config import Dedupe, Lookup, Replayable
+    from netwatch.config.schema import Dedupe, Lookup, Replayable
     from netwatch.proxy.queue import Entry
 
 Verdict = Literal["applied", "absent", "unknown"]

@@ -31,7 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from netwatch.config import Lookup, Proxy, Replayable
+from netwatch.config.schema import Lookup, Proxy, Replayable
 from netwatch.proxy.dedupe import rule_for, strategy_for
 from netwatch.proxy.queue import Entry
 

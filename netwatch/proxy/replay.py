@@ -34,7 +34,7 @@ from typing import Literal
 import structlog
 
 from netwatch.clock import Clock
-from netwatch.config import Dedupe, Lookup, Replay
+from netwatch.config.schema import Dedupe, Lookup, Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, verdict
 from netwatch.proxy.forward import Reply, UpstreamFailure

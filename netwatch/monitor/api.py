@@ -1,0 +1,69 @@
+"""The daemon's own HTTP endpoint: ``/metrics``, ``/healthz`` and ``/api/v1/status``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from netwatch.auth import require_token
+from netwatch.monitor.exposition import FastCollector, render
+
+StatusProvider = Callable[[], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def metrics_handler(registry: CollectorRegistry, fast: Sequence[FastCollector] = ()) -> Handler:
+    """A ``/metrics`` handler for ``registry`` (also mounted by the station proxy); the
+    ``fast`` collectors (registered in it too) render themselves in slices on the loop."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = await render(registry, fast)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
+
+
+def build_app(
+    registry: CollectorRegistry,
+    status: StatusProvider,
+    fast: Sequence[FastCollector] = (),
+    *,
+    token: str | None = None,
+) -> web.Application:
+    """``/metrics`` and ``/api/v1/status`` need ``token`` when one is set; ``/healthz``
+    stays open for container and load-balancer health checks (it says nothing)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def api_status(_: web.Request) -> web.Response:
+        return web.json_response(status())
+
+    app = web.Application()
+    app.router.add_get("/metrics", require_token(token, metrics_handler(registry, fast)))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/status", require_token(token, api_status))
+    return app
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@asynccontextmanager
+async def serve(app: web.Application, listen: str) -> AsyncIterator[web.AppRunner]:
+    """Serve ``app`` on ``host:port`` for the lifetime of the context."""
+    host, port = split_listen(listen)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        yield runner
+    finally:
+        await runner.cleanup()
