@@ -400,9 +400,9 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
             f"    of the queued: replayed {st['replayed']}, dead {st['dead']}, "
             f"[bold]lost {st['lost']}[/]"
         )
+        console.print(f"    in doubt {st['in_doubt']} (found by lookup {st['found']})")
         console.print(
-            f"  in doubt {st['in_doubt']} (found by lookup {st['found']}); "
-            f"database ({s.upstream}): received twice {s.receipts_beyond_first}, "
+            f"  database ({s.upstream}): received twice {s.receipts_beyond_first}, "
             f"[bold]applied twice {s.duplicates}[/]"
         )
     if s.ok:
