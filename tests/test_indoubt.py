@@ -286,7 +286,12 @@ async def test_online_write_applied_without_an_answer_is_applied_once(lab: Lab, 
 
 
 @ALL
-async def test_replay_applied_then_dropped_is_settled_by_the_strategy(lab: Lab) -> None:
+@pytest.mark.parametrize("fault", ["drop", "stall"])
+async def test_replay_applied_without_an_answer_is_settled_by_the_strategy(
+    lab: Lab, fault: str
+) -> None:
+    """Offline first (refused: nothing in doubt), then the replay meets an upstream that
+    applies three writes and drops the connection, or stalls past request_timeout (2s)."""
     lab.relay.set_mode("refuse")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for seq in range(1, 7):
@@ -295,13 +300,13 @@ async def test_replay_applied_then_dropped_is_settled_by_the_strategy(lab: Lab) 
     # Refused connections never sent a byte: nothing is in doubt yet.
     tickets = [await lab.ticket(n) for n in lab.tickets]
     assert all(t["attempts_in_doubt"] == 0 and t["state"] == "queued" for t in tickets)
-    lab.sim.control(after_apply="drop", after_apply_next=3)
+    lab.sim.control(after_apply=fault, after_apply_next=3, stall_s=3.0)
     lab.relay.set_mode("pass")
     await lab.drain()
     await lab.check_exactly_once()
     doubted = [n for n in lab.tickets if (await lab.ticket(n))["attempts_in_doubt"] > 0]
     resent = [e for e in lab.proxy.log_events() if e.get("event") == "upstream_resent_in_doubt"]
-    # Each write the upstream applied and then dropped was recorded in doubt.
+    # Each write the upstream applied without answering was recorded in doubt.
     assert sum([(await lab.ticket(n))["attempts_in_doubt"] for n in doubted]) + len(resent) == 3
     if lab.strategy != "idempotency-key":
         assert not resent  # never re-sent without asking (lookup) or being told (hold)

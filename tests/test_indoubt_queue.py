@@ -4,10 +4,17 @@ the upgrade of a version-1 queue file."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import time
 from pathlib import Path
 
-from netwatch.proxy.queue import DurableQueue, NewEntry
+from netwatch.clock import SystemClock
+from netwatch.config.schema import Lookup, LookupDedupe, Replay
+from netwatch.proxy.forward import Reply
+from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
+from netwatch.proxy.replay import Replayer
 
 T0 = 1_800_000_000.0
 
@@ -195,3 +202,49 @@ async def test_a_version_1_queue_file_is_upgraded_in_place(tmp_path: Path) -> No
     assert check.execute("PRAGMA user_version").fetchone()[0] == 2
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     check.close()
+
+
+async def test_a_lookup_the_stored_body_cannot_fill_holds_the_entry_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    rule = LookupDedupe(lookup=Lookup(url="/api/applications/{body.application_no}"))
+    sent: list[str] = []
+    looked: list[str] = []
+    outcomes: list[str] = []
+    settled = asyncio.Event()
+
+    def on_result(_entry: Entry, outcome: str, _now: float) -> None:
+        outcomes.append(outcome)
+        settled.set()
+
+    async def send(entry: Entry) -> Reply:
+        sent.append(entry.id)
+        return Reply(201, None, b"")
+
+    async def look(_entry: Entry, _lookup: Lookup, path: str) -> int:
+        looked.append(path)
+        return 404
+
+    async with opened(tmp_path / "q.db") as q:
+        entry, _ = await q.enqueue(new(1, doubt=True), now=time.time() - 60)
+        replayer = Replayer(
+            q, send, Replay(), clock=SystemClock(), is_peak=lambda: False,
+            active=lambda: True, on_result=on_result,
+            on_network_error=lambda _r: None, poll=0.01, strategy=lambda _e: rule,
+            lookup=look, settle=0.0,
+        )  # fmt: skip
+        task = asyncio.get_running_loop().create_task(replayer.run())
+        try:
+            async with asyncio.timeout(10):
+                await settled.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        held = await q.get(entry.id)
+    assert outcomes == ["held"]
+    assert sent == []
+    assert looked == []
+    assert held is not None
+    assert held.state == "in_doubt"
+    assert held.reason == "lookup impossible: the stored body has no {body.application_no}"
