@@ -18,6 +18,10 @@ A failure after the request may have been written leaves the entry in doubt; its
 follows its rule's strategy: re-sent (``idempotency-key``), looked up first (``lookup``, no
 sooner than ``settle`` seconds after the doubtful attempt, so a slow upstream has finished
 applying it), or held for an operator (``hold``).
+
+Time: pacing runs on the monotonic clock; the times written to the queue file (retry
+waits) come from a ``FileTime``, which a wall clock step does not move (the station shifts
+the file's times by the step, then resyncs it), so a step neither freezes nor rushes a wait.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Literal
 
 import structlog
 
-from netwatch.clock import Clock
+from netwatch.clock import Clock, FileTime
 from netwatch.config.schema import Dedupe, Lookup, Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, verdict
@@ -152,8 +156,10 @@ class Replayer:
         strategy: Callable[[Entry], Dedupe] = _always_key,
         lookup: LookupSend = _no_lookup,
         settle: float = 0.0,
+        file_time: FileTime | None = None,
     ) -> None:
         self._queue = queue
+        self._file_time = file_time or FileTime(clock)
         self._send = send
         self._settings = settings
         self._clock = clock
@@ -218,7 +224,7 @@ class Replayer:
         return not entry.doubt or self._strategy(entry) == "idempotency-key"
 
     async def _unclaim(self, entries: list[Entry]) -> None:
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         for entry in entries:
             if self._sends_at_once(entry):
                 await self._queue.mark_retry(
@@ -243,7 +249,7 @@ class Replayer:
 
         try:
             return await self._queue.claim(
-                now=self._clock.now().timestamp(),
+                now=self._file_time.now(),
                 limit=len(busy) + wanted,
                 skip=skip,
                 sends=self._sends_at_once,
@@ -272,7 +278,7 @@ class Replayer:
             if await self._settled_by_lookup(entry, strategy.lookup):
                 return
             # The upstream does not have it: send it, recording the attempt first.
-            await self._queue.mark_attempting([entry.id], now=self._clock.now().timestamp())
+            await self._queue.mark_attempting([entry.id], now=self._file_time.now())
         try:
             reply = await self._send(entry)
         except UpstreamFailure as failure:
@@ -284,14 +290,16 @@ class Replayer:
             log.info(
                 "replay_retry", ticket=entry.id, reason=failure.reason, in_doubt=failure.in_doubt
             )
-            self._on_result(entry, "retried", self._clock.now().timestamp())
+            self._on_result(entry, "retried", self._file_time.now())
             return
-        now = self._clock.now()
+        now = self._file_time.now()
         verdict = classify(reply.status)
         if verdict == "delivered":
-            await self._queue.mark_delivered(entry.id, status=reply.status, now=now.timestamp())
+            await self._queue.mark_delivered(entry.id, status=reply.status, now=now)
         elif verdict == "retried":
-            await self._retry(entry, reply.status, parse_retry_after(reply.retry_after, now))
+            # An HTTP-date is the upstream's wall clock: compared with ours, not the file's.
+            retry_after = parse_retry_after(reply.retry_after, self._clock.now())
+            await self._retry(entry, reply.status, retry_after)
             log.info("replay_retry", ticket=entry.id, status=reply.status)
         else:
             await self._queue.mark_dead(
@@ -299,10 +307,10 @@ class Replayer:
                 reason="rejected",
                 status=reply.status,
                 body=reply.body[:DEAD_BODY_LIMIT],
-                now=now.timestamp(),
+                now=now,
             )
             log.warning("replay_rejected", ticket=entry.id, status=reply.status)
-        self._on_result(entry, verdict, now.timestamp())
+        self._on_result(entry, verdict, now)
 
     async def _retry(
         self,
@@ -312,14 +320,14 @@ class Replayer:
         *,
         in_doubt: bool = False,
     ) -> None:
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         delay = self.backoff.delay(entry.attempts + 1, retry_after=retry_after, rand=self._rand)
         await self._queue.mark_retry(
             entry.id, status=status, next_attempt_at=now + delay, now=now, in_doubt=in_doubt
         )
 
     async def _hold(self, entry: Entry, reason: str, *, in_doubt: bool) -> None:
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         await self._queue.mark_held(entry.id, reason=reason, in_doubt=in_doubt, now=now)
         log.warning("replay_held_in_doubt", ticket=entry.id, reason=reason)
         self._on_result(entry, "held", now)
@@ -327,7 +335,7 @@ class Replayer:
     async def _settled_by_lookup(self, entry: Entry, lookup: Lookup) -> bool:
         """Ask the upstream about an entry in doubt. True when this turn is over (found,
         held, or to be asked again later); False when it is absent: send it."""
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         ready_at = (entry.attempt_at or 0.0) + self._settle
         if ready_at > now:
             await self._queue.mark_retry(
@@ -345,7 +353,7 @@ class Replayer:
             self._on_network_error(failure.reason)
             status = None
         found = "unknown" if status is None else verdict(lookup, status)
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         if found == "absent":
             log.info("replay_lookup_absent", ticket=entry.id)
             return False
