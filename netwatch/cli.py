@@ -236,6 +236,13 @@ def status(url: str | None, config_path: Path | None, as_json: bool, token: str 
 @click.option("--stations", default=3, show_default=True, type=int, help="Simulated stations.")
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--metrics-port", default=0, type=int, help="Port for /metrics [default: free port].")
+@click.option(
+    "--upstream",
+    type=click.Choice(["dedupe", "naive"]),
+    default="dedupe",
+    show_default=True,
+    help="naive: the database ignores Idempotency-Key (the proxy looks writes in doubt up).",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -244,6 +251,7 @@ def demo(
     stations: int,
     seed: int,
     metrics_port: int,
+    upstream: str,
 ) -> None:
     """Everything on loopback: simulated population database, daemon, proxy and stations."""
     from netwatch.demo.run import DemoOptions, run_demo
@@ -264,6 +272,7 @@ def demo(
                 stations=stations,
                 seed=seed,
                 metrics_port=metrics_port,
+                upstream=upstream,
             )
         )
     )

@@ -49,6 +49,8 @@ class QueueStats:
     dead: int
     health: str = "ok"  # "disk_full": cannot take writes; "damaged": the file is corrupt
     unreadable: int = 0  # dead letters set aside because they could not be read back
+    in_doubt: int = 0  # entries that may have been applied upstream without an answer
+    held: int = 0  # of which held for an operator (`netwatch queue resolve`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -280,13 +280,20 @@ def _render_proxy(console: Console, data: dict[str, Any]) -> None:
         mode = proxy.get("mode", "?")
         queue = proxy.get("queue") or {}
         waiting = proxy.get("backlog", queue.get("depth", 0))
+        doubt = proxy.get("in_doubt", 0)
+        held = queue.get("held", 0)
         console.print(
             f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')}) "
             f"since {_local(proxy.get('since'), zone)} ({zone_name})"
         )
         console.print(
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
-            f"{queue.get('dead', 0)} dead"
+            f"{queue.get('dead', 0)} dead, "
+            + (
+                f"[bold yellow]{doubt} in doubt ({held} awaiting an operator)[/]"
+                if doubt
+                else "0 in doubt"
+            )
         )
     elif data.get("mode"):  # a site without a proxy still has the mode its stations follow
         mode = data["mode"].get("mode", "?")

@@ -278,3 +278,18 @@ def test_any_wall_steps_leave_the_alerts_of_a_sequence_unchanged(
             out += [(e.alert, e.status, clock.monotonic()) for e in events]
     assert out_a == out_b
     assert a.firing == b.firing == frozenset()
+
+
+def test_in_doubt_fires_while_entries_wait_for_an_operator_in_both_languages() -> None:
+    s = state()
+    # Entries in doubt that settle themselves (lookup, re-send) are not an operator's job.
+    assert s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=0), now(0)) == []
+    [event] = s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=1), now(1), peak=True)
+    assert brief([event]) == [("InDoubt", "firing", "queue")]
+    assert "1 writes may or may not have reached the population database" in event.summary
+    assert "netwatch queue resolve TICKET --applied|--resend" in event.summary
+    assert "không rõ đã được ghi" in event.summary_vi
+    assert "giờ cao điểm" in event.summary_vi
+    assert s.on_queue(QueueStats("q1", 3, 5.0, 0, in_doubt=2, held=2), now(2)) == []
+    assert s.on_queue(QueueStats("q1", 0, 0.0, 0, in_doubt=0, held=0), now(3)) == []
+    assert brief(s.tick(now(3 + HOLD))) == [("InDoubt", "resolved", "queue")]

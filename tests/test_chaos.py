@@ -194,6 +194,23 @@ async def test_acknowledged_writes_survive_link_flaps_and_sigkills(
                 problems.append(f"{item.key}: ticket {ticket} (want delivered)")
         assert not problems, f"{len(problems)} lost/duplicated/unsettled: {problems[:20]}"
 
+        # The upstream de-duplicated, but the proxy must still not have sent anything
+        # twice behind anyone's back: a receipt beyond the first is allowed only for a try
+        # of the station's own, or for an attempt the proxy recorded in doubt (the ticket,
+        # or the log line of an immediate re-send).
+        receipts = sim.receipt_counts()
+        resent = Counter(
+            e.get("idempotency_key")
+            for e in proxy.log_events()
+            if e.get("event") == "upstream_resent_in_doubt"
+        )
+        unrecorded = []
+        for item in items:
+            doubts = resent[item.key] + tickets.get(item.key, {}).get("attempts_in_doubt", 0)
+            if receipts.get(item.key, 0) - 1 > doubts + item.tries - 1:
+                unrecorded.append(f"{item.key}: {receipts[item.key]} receipts, {doubts} in doubt")
+        assert not unrecorded, f"sent again without a record: {unrecorded[:20]}"
+
         acked = {item.key for item in items if item.acknowledged and not item.invalid}
         violations = order_violations(applied, acked)
         assert not violations, f"per-station order broken: {violations[:20]}"

@@ -64,3 +64,25 @@ def test_demo_runs_a_compressed_day_and_loses_no_request() -> None:
     assert queued > 0, "an outage at peak hours should have queued some applications"
     assert replayed + dead == queued
     assert forwarded + queued + rejected + refused == sent
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_demo_with_a_naive_database_applies_nothing_twice() -> None:
+    """``--upstream naive``: the database ignores Idempotency-Key and now and then applies a
+    write and drops the connection; the proxy looks those writes up instead of re-sending."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "netwatch", "demo", "--duration", "20", "--seconds-per-hour",
+         "2", "--upstream", "naive"],
+        capture_output=True, text=True, timeout=100, check=False,
+    )  # fmt: skip
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doubt = re.search(r"in doubt (\d+) \(found by lookup (\d+)\)", out)
+    assert doubt, out
+    assert int(doubt.group(1)) >= 1, "no write was ever in doubt: the demo showed nothing"
+    assert int(doubt.group(2)) >= 1
+    twice = re.search(r"database \(naive\): received twice (\d+), applied twice (\d+)", out)
+    assert twice, out
+    assert twice.group(2) == "0"
+    assert "lost 0" in out

@@ -157,6 +157,8 @@ async def test_retained_state_reaches_a_fresh_subscriber_but_alerts_do_not(tmp_p
                 "dead": 1,
                 "health": "ok",
                 "unreadable": 0,
+                "in_doubt": 0,
+                "held": 0,
             }
             assert metric(registry, "netwatch_mqtt_connected") == 1
 

@@ -49,6 +49,7 @@ GAUGES_AND_COUNTERS = {
     "netwatch_replay_total",
     "netwatch_dead_letters",
     "netwatch_build_info",
+    "netwatch_queue_in_doubt",
     # beyond the contract table
     "netwatch_probe_cert_expiry_days",
     "netwatch_probe_errors_total",
@@ -81,6 +82,7 @@ ALERTS = {
     "NetwatchStationsOffline",
     "NetwatchQueueBacklogAging",
     "NetwatchDeadLetters",
+    "NetwatchInDoubt",
     "NetwatchSchedulerLag",
     "NetwatchTLSCertExpiring",
     # config/prometheus/rules/city.yml

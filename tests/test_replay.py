@@ -147,10 +147,23 @@ async def test_one_in_flight_per_order_key_many_across_keys(queue: DurableQueue)
 
 
 class StaleReads(DurableQueue):
-    """A queue whose ``ready`` snapshot ages before it is returned, as a slow disk's would."""
+    """A queue whose ``ready`` / ``claim`` snapshot ages before it is returned, as a slow
+    disk's would."""
 
     async def ready(self, *, now: float, limit: int) -> Sequence[Entry]:
         heads = await super().ready(now=now, limit=limit)
+        await asyncio.sleep(0.01)
+        return heads
+
+    async def claim(
+        self,
+        *,
+        now: float,
+        limit: int,
+        skip: Callable[[Entry], bool],
+        sends: Callable[[Entry], bool],
+    ) -> list[Entry]:
+        heads = await super().claim(now=now, limit=limit, skip=skip, sends=sends)
         await asyncio.sleep(0.01)
         return heads
 

@@ -17,6 +17,8 @@ alert                condition set by      condition cleared by
                      the disk full
 ``QueueDamaged``     SQLite found the      a restart on a whole (salvaged) file
                      queue file corrupt
+``InDoubt``          writes in doubt held  none held any more (resolved, or found by lookup)
+                     for an operator
 ===================  ====================  =====================================================
 
 A set condition fires once. A cleared condition resolves only after it has stayed clear for
@@ -50,6 +52,7 @@ AlertName = Literal[
     "QueueUnreadable",
     "QueueDiskFull",
     "QueueDamaged",
+    "InDoubt",
 ]
 Status = Literal["firing", "resolved"]
 
@@ -163,11 +166,16 @@ class AlertState:
         out = self.tick(now)
         backlog: _Change = "set" if stats.oldest_age_s > self.policy.backlog_age else "clear"
         dead: _Change = "set" if stats.dead > 0 else "clear"
+        # Only held entries need a person: other entries in doubt settle themselves (a
+        # lookup, or a re-send the upstream de-duplicates) and show in the gauge.
+        held: _Change = "set" if stats.held > 0 else "clear"
         detail = {
             "depth": stats.depth,
             "oldest_age_s": stats.oldest_age_s,
             "dead": stats.dead,
             "unreadable": stats.unreadable,
+            "in_doubt": stats.in_doubt,
+            "held": stats.held,
         }
         age = max(0.0, stats.oldest_age_s)
         conditions: tuple[tuple[AlertName, _Change, float], ...] = (
@@ -176,6 +184,7 @@ class AlertState:
             ("QueueUnreadable", "set" if stats.unreadable > 0 else "clear", 0.0),
             ("QueueDiskFull", "set" if stats.health == "disk_full" else "clear", 0.0),
             ("QueueDamaged", "set" if stats.health == "damaged" else "clear", 0.0),
+            ("InDoubt", held, 0.0),
         )
         for alert, change, began_ago in conditions:
             out += self._apply(
@@ -342,5 +351,15 @@ _QUEUE_FAULTS: dict[str, _Summary] = {
         "`netwatch queue salvage`",
         f"[{site}] Tệp hàng đợi bị hỏng từ {at}: yêu cầu khi mất kết nối bị từ chối (503), "
         "ngừng gửi lại, tệp được giữ nguyên; chạy `netwatch queue salvage`",
+    ),
+    "InDoubt": lambda site, at, d: (
+        f"[{site}] {d['held']} writes may or may not have reached the population database "
+        f"(in doubt since {at}{' during peak hours' if d.get('peak') else ''}); they and the "
+        "writes behind them wait for an operator: `netwatch queue list --in-doubt`, then "
+        "`netwatch queue resolve TICKET --applied|--resend`",
+        f"[{site}] {d['held']} yêu cầu không rõ đã được ghi vào cơ sở dữ liệu dân cư hay chưa "
+        f"(từ {at}{' trong giờ cao điểm' if d.get('peak') else ''}); chúng và các yêu cầu "
+        "phía sau đang chờ người vận hành: `netwatch queue list --in-doubt`, rồi "
+        "`netwatch queue resolve TICKET --applied|--resend`",
     ),
 }

@@ -28,8 +28,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -57,16 +59,20 @@ from netwatch.config.units import (
 )
 from netwatch.config.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
 from netwatch.errors import ConfigError
+from netwatch.proxy.dedupe import bodyless_problem, parse_template
 from probes.path import trace_budget
 
 __all__ = [
     "AnyTarget",
     "Config",
+    "Dedupe",
     "Defaults",
     "DnsTarget",
     "HttpTarget",
     "IcmpTarget",
     "Link",
+    "Lookup",
+    "LookupDedupe",
     "Metrics",
     "Mqtt",
     "Notify",
@@ -290,6 +296,61 @@ class Notify(Frozen):
     hold_down: Duration = 30.0
 
 
+Status = Annotated[int, Field(ge=100, le=599)]
+
+
+class Lookup(Frozen):
+    """How to ask the upstream whether an entry in doubt was applied (see proxy/dedupe.py)."""
+
+    method: Literal["GET", "HEAD"] = "GET"
+    url: str
+    applied: tuple[Status, ...] = (200,)
+    absent: tuple[Status, ...] = (404,)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Lookup:
+        parse_template(self.url)  # ValueError names the bad placeholder
+        both = sorted(set(self.applied) & set(self.absent))
+        if both:
+            raise ValueError(f"status {both[0]} is both applied and absent")
+        if not self.applied or not self.absent:
+            raise ValueError("lookup needs at least one applied and one absent status")
+        return self
+
+
+class LookupDedupe(Frozen):
+    lookup: Lookup
+
+
+DEDUPE_NAMES = ("idempotency-key", "hold")
+
+
+def _dedupe_kind(value: Any) -> str:
+    return "dedupe-lookup" if isinstance(value, dict | LookupDedupe) else "dedupe-name"
+
+
+def _dedupe_shape(value: Any) -> Any:
+    # One clear message instead of one per member of the union.
+    if not isinstance(value, dict | LookupDedupe) and value not in DEDUPE_NAMES:
+        raise ValueError(
+            f"expected idempotency-key, hold or {{lookup: {{url: ...}}}}, got {_show(value)}"
+        )
+    return value
+
+
+def _show(value: Any) -> str:
+    return "a list" if isinstance(value, list) else repr(value)
+
+
+# idempotency-key: the upstream de-duplicates; hold: an operator decides; {lookup: ...}.
+Dedupe = Annotated[
+    Annotated[Literal["idempotency-key", "hold"], Tag("dedupe-name")]
+    | Annotated[LookupDedupe, Tag("dedupe-lookup")],
+    Discriminator(_dedupe_kind),
+    BeforeValidator(_dedupe_shape),
+]
+
+
 class Replayable(Frozen):
     methods: tuple[Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], ...] = (
         "POST",
@@ -298,6 +359,14 @@ class Replayable(Frozen):
         "DELETE",
     )
     path: str = "/api/*"
+    dedupe: Dedupe | None = None  # None: proxy.dedupe
+
+    @model_validator(mode="after")
+    def _lookup_fits(self) -> Replayable:
+        problem = None if self.dedupe is None else bodyless_problem(self.dedupe, self.methods)
+        if problem:
+            raise ValueError(f"dedupe: {problem}")
+        return self
 
 
 class Queue(Frozen):
@@ -323,6 +392,8 @@ class Proxy(Frozen):
     listen: Listen = "127.0.0.1:8080"
     upstream: HttpUrl
     guard: tuple[Name, ...] = ()
+    # How a write in doubt is settled, for every replayable rule without its own dedupe.
+    dedupe: Dedupe = "idempotency-key"
     replayable: tuple[Replayable, ...] = (Replayable(),)
     queue: Queue = Queue()
     replay: Replay = Replay()
@@ -344,6 +415,14 @@ class Proxy(Frozen):
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
     admin_token: OptionalText = None
+
+    @model_validator(mode="after")
+    def _default_lookup_fits(self) -> Proxy:
+        for index, rule in enumerate(self.replayable):
+            problem = None if rule.dedupe else bodyless_problem(self.dedupe, rule.methods)
+            if problem:
+                raise ValueError(f"dedupe (default of replayable[{index}]): {problem}")
+        return self
 
 
 class Config(Frozen):

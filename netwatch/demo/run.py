@@ -5,6 +5,11 @@ probes it (peak-aware, on a clock that runs at the simulated time of day), and, 
 stations are asked for, the real station proxy sits in front of it with simulated ID-card
 stations sending numbered applications. The terminal shows a live view; the summary at the
 end says what happened and checks that nothing a station was told is queued got lost.
+
+``--upstream naive`` makes the database ignore ``Idempotency-Key`` and now and then apply a
+write and drop the connection before answering: the proxy then holds writes *in doubt* and
+settles them with a lookup (``dedupe: {lookup: ...}`` on the applications rule) instead of
+re-sending them. The summary counts duplicates from what the database itself received.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from netwatch.words import plural
 TIMEZONE = "Asia/Ho_Chi_Minh"
 START_HOUR = 6.0
 GUARD = "popdb-api"
+# How often the naive database applies a write and then drops the connection.
+DROP_EVERY_S = 3.0
+LOOKUP = {
+    "lookup": {
+        "method": "GET",
+        "url": "/api/applications/{body.application_no}",
+        "applied": [200],
+        "absent": [404],
+    }
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +62,7 @@ class DemoOptions:
     stations: int = 3
     seed: int = 7
     metrics_port: int = 0
+    upstream: str = "dedupe"  # or "naive": the database ignores Idempotency-Key
 
 
 @dataclass(slots=True)
@@ -59,10 +75,13 @@ class DemoSummary:
     detection_delays_s: list[float]
     availability: float
     stations: dict[str, int] = field(default_factory=dict)
+    upstream: str = "dedupe"
+    duplicates: int = 0  # writes the database applied more than once (its own count)
+    receipts_beyond_first: int = 0  # writes it received more than once
 
     @property
     def ok(self) -> bool:
-        return self.stations.get("lost", 0) == 0
+        return self.stations.get("lost", 0) == 0 and self.duplicates == 0
 
 
 class DemoClock:
@@ -89,7 +108,14 @@ def _simulated_origin() -> datetime:
     return start.astimezone(UTC)
 
 
-def demo_config(sim_url: str, metrics_port: int, proxy_port: int | None, queue: Path) -> Config:
+def demo_config(
+    sim_url: str,
+    metrics_port: int,
+    proxy_port: int | None,
+    queue: Path,
+    *,
+    naive: bool = False,
+) -> Config:
     host_port = sim_url.removeprefix("http://")
     host, _, port = host_port.rpartition(":")
     data: dict[str, Any] = {
@@ -120,6 +146,10 @@ def demo_config(sim_url: str, metrics_port: int, proxy_port: int | None, queue: 
             "connect_timeout": "300ms",
             "request_timeout": "2s",
         }
+        if naive:
+            # The database does not de-duplicate: ask it before re-sending a write in doubt.
+            rule = {"methods": ["POST"], "path": "/api/applications*", "dedupe": LOOKUP}
+            data["proxy"]["replayable"] = [rule]
     return Config.model_validate(data)
 
 
@@ -219,14 +249,17 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
         now = day.elapsed()
         return any(start <= now < end for start, end in plan)
 
+    naive = options.upstream == "naive"
     settings = SimulatorSettings(
-        latency_ms=8.0, jitter_ms=4.0, outages=in_outage, seed=options.seed
+        latency_ms=8.0, jitter_ms=4.0, outages=in_outage, seed=options.seed, naive=naive
     )
     with tempfile.TemporaryDirectory(prefix="netwatch-demo-") as tmp:
         async with PopulationSimulator(settings) as sim:
             metrics_port = options.metrics_port or _free_port()
             proxy_port = _free_port() if options.stations > 0 else None
-            config = demo_config(sim.url, metrics_port, proxy_port, Path(tmp) / "queue.db")
+            config = demo_config(
+                sim.url, metrics_port, proxy_port, Path(tmp) / "queue.db", naive=naive
+            )
             daemon = Daemon(config, clock=DemoClock(day, _simulated_origin()))
             timeline = _Timeline(day)
             daemon.link_listener(timeline)
@@ -254,6 +287,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
                 runner = tg.create_task(daemon.run(), name="daemon")
                 await asyncio.sleep(0.5)
                 fleet_task = tg.create_task(fleet.run(), name="stations") if fleet else None
+                drops = tg.create_task(_drop_now_and_then(sim), name="drops") if naive else None
                 await _show(
                     console,
                     day=day,
@@ -263,6 +297,8 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
                     duration=options.duration,
                     runner=runner,
                 )
+                if drops is not None:
+                    drops.cancel()
                 stations: dict[str, int] = {}
                 if fleet is not None and fleet_task is not None:
                     fleet.stop()
@@ -282,9 +318,19 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
                 detection_delays_s=_detection_delays(plan, downs),
                 availability=timeline.availability(elapsed),
                 stations=stations,
+                upstream=options.upstream,
+                duplicates=sim.stats.duplicate_applies,
+                receipts_beyond_first=sum(n - 1 for n in sim.receipt_counts().values()),
             )
     _print_summary(console, summary)
     return summary
+
+
+async def _drop_now_and_then(sim: PopulationSimulator) -> None:
+    """The naive database applies a write and then drops the connection, now and then."""
+    while True:
+        await asyncio.sleep(DROP_EVERY_S)
+        sim.control(after_apply="drop", after_apply_next=1)
 
 
 async def _show(
@@ -354,4 +400,12 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
             f"    of the queued: replayed {st['replayed']}, dead {st['dead']}, "
             f"[bold]lost {st['lost']}[/]"
         )
-    console.print("  [green]ok[/]" if s.ok else "  [bold red]requests were lost[/]")
+        console.print(f"    in doubt {st['in_doubt']} (found by lookup {st['found']})")
+        console.print(
+            f"  database ({s.upstream}): received twice {s.receipts_beyond_first}, "
+            f"[bold]applied twice {s.duplicates}[/]"
+        )
+    if s.ok:
+        console.print("  [green]ok[/]")
+    else:
+        console.print("  [bold red]requests were lost or applied twice[/]")

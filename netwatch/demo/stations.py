@@ -57,6 +57,7 @@ class StationFleet:
             "station": station,
             "seq": seq,
             "citizen_id": f"0790{self._rng.randrange(10**8):08d}",
+            "application_no": key,  # how the database finds it again (a lookup)
             "kind": "chip-id-card",
             # One in forty is incomplete on purpose: the database refuses it (a dead letter
             # when it was queued), which the summary reports instead of hiding.
@@ -86,31 +87,39 @@ class StationFleet:
     async def reconcile(self, applied: list[dict[str, Any]]) -> dict[str, int]:
         """Compare what stations were told with what the database applied."""
         applied_keys = Counter(str(a.get("idempotency_key")) for a in applied)
-        dead = lost = replayed = 0
+        dead = lost = replayed = in_doubt = found = 0
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for s in self.sent:
                 if s.status == 202 and s.ticket:
+                    ticket = await self._ticket(session, s.ticket)
+                    in_doubt += int(ticket.get("attempts_in_doubt", 0) > 0)
+                    found += int(ticket.get("reason") == "found by lookup")
                     if applied_keys[s.key]:
                         replayed += 1
                         continue
-                    state = await self._ticket_state(session, s.ticket)
-                    if state == "dead":
+                    if ticket.get("state") == "dead":
                         dead += 1
                     else:
                         lost += 1
                 elif 200 <= s.status < 300 and not applied_keys[s.key]:
                     lost += 1
         duplicates = sum(n - 1 for n in applied_keys.values() if n > 1)
-        return {**self.counts, "replayed": replayed, "dead": dead, "lost": lost + duplicates}
+        return {
+            **self.counts,
+            "replayed": replayed,
+            "dead": dead,
+            "lost": lost + duplicates,
+            "in_doubt": in_doubt,
+            "found": found,
+        }
 
-    async def _ticket_state(self, session: aiohttp.ClientSession, ticket: str) -> str | None:
+    async def _ticket(self, session: aiohttp.ClientSession, ticket: str) -> dict[str, Any]:
         try:
             async with session.get(f"{self.proxy_url}/_netwatch/tickets/{ticket}") as resp:
                 if resp.status != 200:
-                    return None
+                    return {}
                 data = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        state = data.get("state")
-        return state if isinstance(state, str) else None
+            return {}
+        return data if isinstance(data, dict) else {}

@@ -250,6 +250,8 @@ class MqttBridge:
             "dead": stats.dead,
             "health": stats.health,
             "unreadable": stats.unreadable,
+            "in_doubt": stats.in_doubt,
+            "held": stats.held,
         }
         self._submit(lambda: self._set_retained(self.topic("queue"), payload))
 

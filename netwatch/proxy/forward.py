@@ -7,28 +7,35 @@ and never adds headers the station did not send (no default ``Accept-Encoding``,
 
 Every network failure before the response headers (refused, reset, timeout, garbage) becomes
 one ``UpstreamFailure`` carrying a short reason: the single place where aiohttp's error tree
-is mapped to what the mode machine calls a passive failure.
+is mapped to what the mode machine calls a passive failure. It also says whether the request
+may have reached the upstream (``in_doubt``): a failure before a connection was obtained
+(refused, connect timeout, TLS handshake) never sent a byte; any failure after it may have
+(the upstream may have applied the write and then lost the answer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import aiohttp
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from netwatch.config.schema import Proxy, Replayable
+from netwatch.config.schema import Lookup, Proxy, Replayable
+from netwatch.proxy.dedupe import rule_for, strategy_for
 from netwatch.proxy.queue import Entry
+
+log = structlog.get_logger("netwatch.proxy.forward")
 
 HOP_BY_HOP = frozenset(
     {
@@ -59,14 +66,23 @@ class UpstreamFailure(Exception):
     """The upstream could not be reached or did not answer (before any response header)."""
 
     def __init__(
-        self, reason: str, *, retryable_now: bool = False, abandoned: bool = False
+        self,
+        reason: str,
+        *,
+        retryable_now: bool = False,
+        abandoned: bool = False,
+        in_doubt: bool = True,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         # Ended by ``abandon_waiting`` because the proxy already went offline.
         self.abandoned = abandoned
-        # A dropped keep-alive connection: one immediate retry on a fresh one is safe.
+        # Maybe a dropped keep-alive connection: one immediate retry on a fresh one, when
+        # sending twice is harmless (a read, or an upstream that honours Idempotency-Key).
         self.retryable_now = retryable_now
+        # The request may have reached the upstream (its bytes were, or may have been,
+        # written): it may have been applied. False only when nothing was sent for sure.
+        self.in_doubt = in_doubt
 
 
 class BodyTooLarge(Exception):
@@ -83,7 +99,35 @@ class Reply:
 
 
 def is_replayable(rules: tuple[Replayable, ...], method: str, path: str) -> bool:
-    return any(method in rule.methods and fnmatchcase(path, rule.path) for rule in rules)
+    return rule_for(rules, method, path) is not None
+
+
+class _Sending:
+    """Per request: has a connection been obtained (so the request may have gone out)?"""
+
+    __slots__ = ("connected",)
+
+    def __init__(self) -> None:
+        self.connected = False
+
+
+_SENDING: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar(
+    "netwatch_sending", default=None
+)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """Marks the current request connected once the pool hands it a connection: from then
+    on the request is written without another wait, so a failure may follow its bytes."""
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        conn = await super().connect(req, traces, timeout)
+        sending = _SENDING.get()
+        if sending is not None:
+            sending.connected = True
+        return conn
 
 
 def outgoing_headers(request: web.BaseRequest) -> CIMultiDict[str]:
@@ -163,8 +207,9 @@ def _is_reset(exc: aiohttp.ClientOSError) -> bool:
     return False
 
 
-def _failure(exc: BaseException) -> UpstreamFailure:
-    """Map aiohttp's error tree to one reason string (the only place that knows it)."""
+def _failure(exc: BaseException, *, connected: bool = True) -> UpstreamFailure:
+    """Map aiohttp's error tree to one reason string (the only place that knows it);
+    ``connected``: a connection was obtained, so the request may have been written."""
     retryable = False
     match exc:
         case aiohttp.ClientConnectorError() if exc.os_error.errno == errno.ECONNREFUSED:
@@ -181,7 +226,8 @@ def _failure(exc: BaseException) -> UpstreamFailure:
             reason = "timeout"
         case _:
             reason = f"upstream error: {type(exc).__name__}"
-    return UpstreamFailure(reason, retryable_now=retryable)
+    never_sent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return UpstreamFailure(reason, retryable_now=retryable, in_doubt=connected and not never_sent)
 
 
 class Forwarder:
@@ -200,7 +246,7 @@ class Forwarder:
         ssl_context: ssl.SSLContext | bool = True
         if self.settings.ca_file:
             ssl_context = ssl.create_default_context(cafile=self.settings.ca_file)
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
             limit=POOL_SIZE, limit_per_host=POOL_SIZE, ssl=ssl_context, keepalive_timeout=30
         )
         self._session = aiohttp.ClientSession(
@@ -235,8 +281,8 @@ class Forwarder:
     def abandon_waiting(self) -> None:
         """End every forward still waiting for response headers (their callers queue them).
 
-        Safe because only replayable requests with an Idempotency-Key are abandoned: if the
-        upstream did apply one, the replay is answered from its idempotency record.
+        Only replayable requests are abandoned, and one that was sent is queued in doubt:
+        its replay is settled by the rule's dedupe strategy, never blindly re-sent.
         """
         loop = asyncio.get_running_loop()
         for deadline in list(self._waiting):
@@ -265,9 +311,11 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """Send and return the response once its headers are in (the caller releases it).
 
-        ``idempotent`` requests (an Idempotency-Key, or a safe method; the body in memory)
-        get one immediate retry when a pooled keep-alive connection turns out to be dead,
-        so a stale connection is not mistaken for a lost link.
+        ``idempotent`` requests (sending twice is harmless: a safe method, or a write to an
+        upstream that honours Idempotency-Key; the body in memory) get one immediate retry
+        when a pooled keep-alive connection turns out to be dead, so a stale connection is
+        not mistaken for a lost link. Any other request that may have been sent is never
+        sent again here: the failure says ``in_doubt``.
         """
         attempts = 2 if idempotent and not isinstance(body, CountedBody) else 1
         # A queueable write waits at most queue_after for its answer, then is queued.
@@ -275,6 +323,8 @@ class Forwarder:
         for attempt in range(attempts):
             deadline = asyncio.timeout(wait)
             abandoned = False
+            sending = _Sending()
+            token = _SENDING.set(sending)
             try:
                 async with deadline:
                     with self._abandonable(deadline, abandonable):
@@ -287,14 +337,27 @@ class Forwarder:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if isinstance(body, CountedBody) and body.exceeded:
                     raise BodyTooLarge from exc
+                sent = sending.connected
                 if deadline.expired() and abandoned:
-                    raise UpstreamFailure("abandoned: proxy offline", abandoned=True) from exc
+                    raise UpstreamFailure(
+                        "abandoned: proxy offline", abandoned=True, in_doubt=sent
+                    ) from exc
                 if deadline.expired():
-                    raise UpstreamFailure(f"no answer in {wait:g}s") from exc
-                failure = _failure(exc)
+                    raise UpstreamFailure(f"no answer in {wait:g}s", in_doubt=sent) from exc
+                failure = _failure(exc, connected=sent)
                 # A closed session means the proxy is shutting down: no second attempt.
                 if not failure.retryable_now or attempt == attempts - 1 or self._closing():
                     raise failure from exc
+                if failure.in_doubt:
+                    # Said out loud: the upstream may now receive this request twice (it
+                    # de-duplicates on this key, or the request is a read).
+                    log.info(
+                        "upstream_resent_in_doubt",
+                        reason=failure.reason,
+                        idempotency_key=headers.get("Idempotency-Key"),
+                    )
+            finally:
+                _SENDING.reset(token)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def counted(self, request: web.BaseRequest) -> CountedBody:
@@ -338,11 +401,16 @@ class Forwarder:
         return response
 
     async def replay(self, entry: Entry, *, keep_body: int = 64 * 1024) -> Reply:
-        """Re-send one queued request with its original Idempotency-Key."""
+        """Re-send one queued request with its original Idempotency-Key (a stale pooled
+        connection is retried at once only when its rule says the upstream de-duplicates)."""
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         headers["Idempotency-Key"] = entry.idempotency_key
         url = self.url(entry.path, entry.query)
-        response = await self.send(entry.method, url, headers, entry.body, idempotent=True)
+        settings = self.settings
+        dedupe = strategy_for(settings.replayable, settings.dedupe, entry.method, entry.path)
+        response = await self.send(
+            entry.method, url, headers, entry.body, idempotent=dedupe == "idempotency-key"
+        )
         try:
             body = await _read_prefix(response, keep_body)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -351,6 +419,26 @@ class Forwarder:
         finally:
             response.release()
         return Reply(response.status, response.headers.get("Retry-After"), body)
+
+    async def lookup(self, entry: Entry, lookup: Lookup, path: str) -> int:
+        """Ask the upstream whether ``entry`` was applied (``path`` is the rendered lookup
+        URL); returns the status. It carries the entry's headers but none that describe a
+        body, nor the Idempotency-Key (a lookup is not the write)."""
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v)
+            for k, v in entry.headers
+            if not k.lower().startswith("content-") and k.lower() != "idempotency-key"
+        )
+        raw_path, _, raw_query = path.partition("?")
+        url = self.url(raw_path, raw_query)
+        response = await self.send(lookup.method, url, headers, None, idempotent=True)
+        try:
+            await _read_prefix(response, SMALL_RESPONSE)  # read, so the connection is reused
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # the status is the answer
+        finally:
+            response.release()
+        return response.status
 
 
 async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -17,7 +17,8 @@ from netwatch.proxy.mode import MODES
 from netwatch.proxy.queue import QueueStats
 
 REQUEST_OUTCOMES = ("forwarded", "queued", "rejected", "failed")
-REPLAY_OUTCOMES = ("delivered", "retried", "dead")
+# found: an entry in doubt that a lookup showed applied; held: left for an operator.
+REPLAY_OUTCOMES = ("delivered", "retried", "dead", "found", "held")
 # Anything else collapses to OTHER: a station sending odd verbs must not grow the series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LAG_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600)
@@ -41,6 +42,11 @@ class _QueueCollector(Collector):
             ),
             ("netwatch_queue_bytes", "On-disk size of the station queue.", stats.bytes),
             ("netwatch_dead_letters", "Entries in the dead-letter set.", stats.dead),
+            (
+                "netwatch_queue_in_doubt",
+                "Entries that may have been applied upstream without an answer.",
+                stats.in_doubt,
+            ),
         ):
             family = GaugeMetricFamily(name, doc, labels=["site"])
             family.add_metric([site], float(value))

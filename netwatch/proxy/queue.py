@@ -54,9 +54,9 @@ from netwatch.proxy.queue_file import (
 )
 from netwatch.proxy.queue_writer import GroupWriter, Txn, file_size, read_tally
 
-EntryState = Literal["queued", "delivered", "dead"]
+EntryState = Literal["queued", "in_doubt", "delivered", "dead"]
 Health = Literal["ok", "disk_full", "damaged"]
-_STATES = ("queued", "delivered", "dead")
+_STATES = ("queued", "in_doubt", "delivered", "dead")
 
 UPSTREAM_BODY_CAP = 64 * 1024  # a dead letter keeps enough of the answer to explain it
 ENTRY_OVERHEAD = 256  # row, index and sealing bytes an entry costs beyond its payload
@@ -68,26 +68,38 @@ log = structlog.get_logger(__name__)
 # Heads of every order key without scanning the backlog: a recursive skip-scan visits each
 # distinct key once through the partial index (O(keys * log n), not O(entries)). INDEXED BY:
 # without ANALYZE statistics the planner prefers (state, seq) and reads every queued row.
+# A key's head may be held for an operator (state in_doubt): then nothing of that key is ready.
+# "state IN ('queued', 'in_doubt')" is the exact term of the partial index: keep it verbatim.
 _READY_SQL = """
 WITH RECURSIVE keys(k) AS (
-    SELECT MIN(order_key) FROM entries INDEXED BY entries_queued_key WHERE state = 'queued'
+    SELECT MIN(order_key) FROM entries INDEXED BY entries_queued_key
+    WHERE state IN ('queued', 'in_doubt')
     UNION ALL
     SELECT (SELECT MIN(order_key) FROM entries INDEXED BY entries_queued_key
-            WHERE state = 'queued' AND order_key > k)
+            WHERE state IN ('queued', 'in_doubt') AND order_key > k)
     FROM keys WHERE k IS NOT NULL
 )
 SELECT *, typeof(path) AS path_type FROM entries WHERE seq IN (
     SELECT (SELECT seq FROM entries INDEXED BY entries_queued_key
-            WHERE state = 'queued' AND order_key = k
+            WHERE state IN ('queued', 'in_doubt') AND order_key = k
             ORDER BY seq LIMIT 1)
     FROM keys WHERE k IS NOT NULL
-) AND next_attempt_at <= ? ORDER BY seq LIMIT ?
+) AND state = 'queued' AND next_attempt_at <= ? ORDER BY seq LIMIT ?
 """
 _ROW = "SELECT *, typeof(path) AS path_type FROM entries"  # a sealed path is a BLOB
 _LIST_ALL = f"{_ROW} WHERE seq > ? ORDER BY seq LIMIT ?"
 _LIST_STATE = f"{_ROW} WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?"
+_LIST_DOUBT = (
+    f"{_ROW} WHERE doubt = 1 AND state IN ('queued', 'in_doubt') AND seq > ? ORDER BY seq LIMIT ?"
+)
 _RAW_FIELDS = ("path", "query", "headers", "body", "upstream_body")
 _RAW_SQL = "SELECT path, query, headers, body, upstream_body FROM entries WHERE seq = ?"
+# Order keys held for an operator, with how many entries each holds back (itself included).
+_HELD_SQL = """
+SELECT h.order_key, (SELECT COUNT(*) FROM entries INDEXED BY entries_queued_key
+                     WHERE state IN ('queued', 'in_doubt') AND order_key = h.order_key)
+FROM (SELECT DISTINCT order_key FROM entries WHERE state = 'in_doubt') AS h
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,8 @@ class NewEntry:
     body: bytes
     idempotency_key: str
     order_key: str = ""
+    # An online forward that may have been applied upstream without an answer.
+    doubt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +140,14 @@ class Entry:
     delivered_at: float | None
     size: int  # bytes this entry accounts for against max_bytes
     unreadable: str | None = None  # why the row cannot be read back (then no payload)
+    attempt_at: float | None = None  # start of the last attempt
+    doubt: bool = False  # an attempt may have been applied upstream; not yet resolved
+    doubts: int = 0  # attempts that ended without a final answer (or the process died)
+
+    @property
+    def ticket_state(self) -> str:
+        """What the station sees: a queued entry in doubt is ``in_doubt`` too."""
+        return "in_doubt" if self.doubt and self.state == "queued" else self.state
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,10 @@ class QueueStats:
     dead: int  # entries in state "dead"
     accounted_bytes: int = 0  # bytes of queued + dead entries, counted against max_bytes
     unreadable: int = 0  # dead letters set aside because they could not be read
+    in_doubt: int = 0  # unsettled entries that may have been applied upstream
+    held: int = 0  # of which held for an operator (state "in_doubt")
+    blocked: int = 0  # queued entries waiting behind a held one on its order key
+    held_keys: frozenset[str] = frozenset()  # order keys with a held entry
 
 
 class DurableQueue:
@@ -411,10 +437,12 @@ class DurableQueue:
             )
         cur = txn.conn.execute(
             "INSERT INTO entries (id, order_key, method, path, query, headers, body,"
-            " idempotency_key, queued_at, age_from, state, next_attempt_at, size)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            " idempotency_key, queued_at, age_from, state, next_attempt_at, size,"
+            " attempt_at, doubt, doubts)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
             (entry_id, new.order_key, new.method, path, query, headers, body,
-             new.idempotency_key, now, now, now, size),
+             new.idempotency_key, now, now, now, size, now if new.doubt else None,
+             int(new.doubt), int(new.doubt)),
         )  # fmt: skip
         txn.queued, txn.used = queued + 1, used + size
         entry = Entry(
@@ -423,6 +451,7 @@ class DurableQueue:
             body=new.body, idempotency_key=new.idempotency_key, queued_at=now,
             state="queued", attempts=0, next_attempt_at=now, upstream_status=None,
             upstream_body=None, reason=None, delivered_at=None, size=size,
+            attempt_at=now if new.doubt else None, doubt=new.doubt, doubts=int(new.doubt),
         )  # fmt: skip
         return entry, txn.queued
 
@@ -430,26 +459,141 @@ class DurableQueue:
         txn.queued = txn.used = None  # the tally triggers moved them
         return txn.conn.execute(sql, params).rowcount
 
-    async def mark_delivered(self, entry_id: str, *, status: int, now: float) -> None:
+    async def mark_attempting(self, entry_ids: Sequence[str], *, now: float) -> None:
+        """Record, durably and in one commit, that these entries are about to be sent: a
+        process that dies before their outcome is written finds them in doubt on restart
+        (``recover_attempts``)."""
+        sql = "UPDATE entries SET in_flight = 1, attempt_at = ? WHERE state = 'queued' AND id = ?"
+        params = [(now, entry_id) for entry_id in entry_ids]
+
+        def run(txn: Txn) -> None:
+            txn.conn.executemany(sql, params)
+
+        await self._write(run)
+
+    async def claim(
+        self,
+        *,
+        now: float,
+        limit: int,
+        skip: Callable[[Entry], bool],
+        sends: Callable[[Entry], bool],
+    ) -> builtins.list[Entry]:
+        """``ready`` heads, minus those ``skip`` refuses, and the attempt record of those
+        that ``sends`` says are sent at once, in ONE job of the writer: it shares the group
+        commit of the deliveries around it, so the record costs the replay no fsync of its
+        own. Returns the entries as read (before the record)."""
+
+        def run(txn: Txn) -> builtins.list[Entry]:
+            cursor = txn.conn.cursor()
+            cursor.row_factory = sqlite3.Row  # the writer's connection yields tuples
+            rows = cursor.execute(_READY_SQL, (now, limit)).fetchall()
+            heads = [e for e in map(self._to_entry, rows) if not skip(e)]
+            marks = [(now, e.id) for e in heads if sends(e)]
+            if marks:
+                txn.conn.executemany(
+                    "UPDATE entries SET in_flight = 1, attempt_at = ? WHERE id = ?", marks
+                )
+            return heads
+
+        return await self._write(run)
+
+    async def recover_attempts(self) -> builtins.list[str]:
+        """Entries whose send was in flight when the process died are in doubt now.
+        Only the process that sends (the proxy, at start) may call this."""
+
+        def run(txn: Txn) -> builtins.list[str]:
+            ids = [r[0] for r in txn.conn.execute("SELECT id FROM entries WHERE in_flight = 1")]
+            txn.conn.execute(
+                "UPDATE entries SET in_flight = 0, doubt = 1, doubts = doubts + 1"
+                " WHERE in_flight = 1"
+            )
+            return ids
+
+        return await self._write(run)
+
+    async def mark_delivered(
+        self, entry_id: str, *, status: int, now: float, reason: str | None = None
+    ) -> None:
+        """``reason`` says how it was settled when it was not by its own answer (``found by
+        lookup``, ``resolved by operator``)."""
         # The payload is dropped at once: a delivered entry only answers ticket lookups.
         sql = (
             "UPDATE entries SET state = 'delivered', delivered_at = ?, upstream_status = ?,"
             " attempts = attempts + 1, headers = NULL, body = NULL, upstream_body = NULL,"
-            " reason = NULL, size = 0 WHERE state != 'delivered' AND id = ?"
+            " reason = ?, size = 0, in_flight = 0, doubt = 0"
+            " WHERE state IN ('queued', 'in_doubt') AND id = ?"
         )
-        params = (now, status, entry_id)
+        params = (now, status, reason, entry_id)
         await self._write(lambda txn: self._update(txn, sql, params))
 
     async def mark_retry(
-        self, entry_id: str, *, status: int | None, next_attempt_at: float, now: float
+        self,
+        entry_id: str,
+        *,
+        status: int | None,
+        next_attempt_at: float,
+        now: float,
+        in_doubt: bool = False,
+        attempt: bool = True,
     ) -> None:
-        """Count an attempt; keep it at the head of its order key until next_attempt_at."""
+        """Count an attempt; keep it at the head of its order key until next_attempt_at.
+
+        ``in_doubt``: the attempt may have been applied upstream without an answer. A
+        final answer (``status``) resolves an earlier doubt; a failure before anything
+        was sent leaves it as it was. ``attempt=False`` only reschedules."""
         sql = (
-            "UPDATE entries SET attempts = attempts + 1, upstream_status = ?,"
-            " next_attempt_at = ? WHERE state = 'queued' AND id = ?"
+            "UPDATE entries SET attempts = attempts + ?, upstream_status = ?,"
+            " next_attempt_at = ?, in_flight = 0, doubts = doubts + ?,"
+            " doubt = CASE WHEN ? THEN 1 WHEN ? IS NOT NULL THEN 0 ELSE doubt END"
+            " WHERE state = 'queued' AND id = ?"
         )
-        params = (status, next_attempt_at, entry_id)
+        flag = int(in_doubt)
+        params = (int(attempt), status, next_attempt_at, flag, flag, status, entry_id)
         await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def mark_held(self, entry_id: str, *, reason: str, in_doubt: bool, now: float) -> None:
+        """Hold an entry in doubt for an operator (state ``in_doubt``): nothing of its
+        order key is sent until ``resolve``. ``in_doubt``: the attempt that just ended
+        is what left it in doubt (counted as an attempt)."""
+        sql = (
+            "UPDATE entries SET state = 'in_doubt', reason = ?, in_flight = 0, doubt = 1,"
+            " attempts = attempts + ?, doubts = doubts + ? WHERE state = 'queued' AND id = ?"
+        )
+        params = (reason, int(in_doubt), int(in_doubt), entry_id)
+        await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def resolve(self, entry_id: str, *, applied: bool, now: float) -> Entry | None:
+        """An operator's word on an entry in doubt: ``applied`` (delivered, the upstream has
+        it) or not (queued again, sent once more without any lookup). Returns the entry as
+        it was, or None when it is unknown; an entry not in doubt is left as it is."""
+
+        def run(txn: Txn) -> Entry | None:
+            cursor = txn.conn.cursor()
+            cursor.row_factory = sqlite3.Row  # the writer's connection yields tuples
+            row = cursor.execute(f"{_ROW} WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                return None
+            entry = self._to_entry(row)
+            if not entry.doubt or entry.state not in {"queued", "in_doubt"}:
+                return entry
+            if applied:
+                sql = (
+                    "UPDATE entries SET state = 'delivered', delivered_at = ?, headers = NULL,"
+                    " body = NULL, upstream_body = NULL, size = 0, doubt = 0,"
+                    " reason = 'resolved by operator: applied' WHERE id = ?"
+                )
+                params: tuple[Any, ...] = (now, entry_id)
+            else:
+                sql = (
+                    "UPDATE entries SET state = 'queued', doubt = 0, next_attempt_at = ?,"
+                    " reason = NULL WHERE id = ?"
+                )
+                params = (now, entry_id)
+            self._update(txn, sql, params)
+            return entry
+
+        return await self._write(run)
 
     async def mark_dead(
         self, entry_id: str, *, reason: str, status: int | None, body: bytes | None, now: float
@@ -463,11 +607,12 @@ class DurableQueue:
                 sealed = self._sealer.seal(entry_id, "upstream_body", body[:UPSTREAM_BODY_CAP])
             sql = (
                 "UPDATE entries SET state = 'dead', reason = ?, upstream_status = ?,"
-                " upstream_body = ?, size = size + ?, attempts = attempts + ?"
-                " WHERE state = 'queued' AND id = ?"
+                " upstream_body = ?, size = size + ?, attempts = attempts + ?,"
+                " in_flight = 0, doubt = doubt * (? IS NULL) WHERE state = 'queued' AND id = ?"
             )
             grow = len(sealed or b"")
-            params = (reason, status, sealed, grow, int(status is not None), entry_id)
+            answered = int(status is not None)
+            params = (reason, status, sealed, grow, answered, status, entry_id)
             self._update(txn, sql, params)
 
         await self._write(run)
@@ -546,7 +691,7 @@ class DurableQueue:
         ``unreadable``) by its seq (its id may be what is damaged); its stored bytes stay
         as they are, for ``netwatch queue export`` or another key. True if it was queued."""
         sql = (
-            "UPDATE entries SET state = 'dead', reason = 'unreadable'"
+            "UPDATE entries SET state = 'dead', reason = 'unreadable', in_flight = 0"
             " WHERE state = 'queued' AND seq = ?"
         )
         return bool(await self._write(lambda txn: self._update(txn, sql, (seq,))))
@@ -588,6 +733,14 @@ class DurableQueue:
                     "SELECT COUNT(*) FROM entries INDEXED BY entries_unreadable"
                     " WHERE reason = 'unreadable' AND state = 'dead'"
                 ).fetchone()[0]
+                in_doubt = conn.execute(
+                    "SELECT COUNT(*) FROM entries INDEXED BY entries_doubt"
+                    " WHERE doubt = 1 AND state IN ('queued', 'in_doubt')"
+                ).fetchone()[0]
+                held_keys = dict(conn.execute(_HELD_SQL).fetchall())
+                held = conn.execute(
+                    "SELECT entries FROM tally WHERE state = 'in_doubt'"
+                ).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
             return QueueStats(
@@ -597,6 +750,10 @@ class DurableQueue:
                 dead=dead,
                 accounted_bytes=used,
                 unreadable=unreadable,
+                in_doubt=in_doubt,
+                held=held,
+                blocked=sum(held_keys.values()) - held,
+                held_keys=frozenset(held_keys),
             )
 
         return await self._read(run)
@@ -613,11 +770,19 @@ class DurableQueue:
         return await self._read(run)
 
     async def list(
-        self, *, state: EntryState | None = None, limit: int = 100, after_seq: int = 0
+        self,
+        *,
+        state: EntryState | None = None,
+        limit: int = 100,
+        after_seq: int = 0,
+        in_doubt: bool = False,
     ) -> Sequence[Entry]:
-        """Entries in arrival order; ``after_seq`` pages through (pass the last seq seen)."""
+        """Entries in arrival order; ``after_seq`` pages through (pass the last seq seen).
+        ``in_doubt``: only unsettled entries in doubt (held or not)."""
         params: tuple[Any, ...]
-        if state is None:
+        if in_doubt:
+            sql, params = _LIST_DOUBT, (after_seq, limit)
+        elif state is None:
             sql, params = _LIST_ALL, (after_seq, limit)
         else:
             sql, params = _LIST_STATE, (state, after_seq, limit)
@@ -682,6 +847,9 @@ class DurableQueue:
             reason=None if row["reason"] is None else _text(row["reason"]),
             delivered_at=row["delivered_at"],
             size=row["size"],
+            attempt_at=row["attempt_at"],
+            doubt=bool(row["doubt"]),
+            doubts=row["doubts"],
         )
 
 

@@ -130,15 +130,23 @@ def queue() -> None:
 
 
 @queue.command("list")
-@click.option("--state", type=click.Choice(["queued", "delivered", "dead"]))
+@click.option("--state", type=click.Choice(["queued", "in_doubt", "delivered", "dead"]))
+@click.option(
+    "--in-doubt",
+    "in_doubt",
+    is_flag=True,
+    help="Only entries that may have been applied upstream without an answer.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
 @_queue_command
 async def list_entries(
-    q: DurableQueue, state: EntryState | None, limit: int, as_json: bool
+    q: DurableQueue, state: EntryState | None, in_doubt: bool, limit: int, as_json: bool
 ) -> None:
     """List entries in arrival order (no bodies)."""
-    entries = await q.list(state=state, limit=limit)
+    if in_doubt and state is not None:
+        raise UsageError("give --state or --in-doubt, not both")
+    entries = await q.list(state=state, limit=limit, in_doubt=in_doubt)
     if as_json:
         click.echo(json.dumps([_summary(e) for e in entries], indent=2))
         return
@@ -146,7 +154,7 @@ async def list_entries(
                   "attempts", "upstream", "reason", "size")  # fmt: skip
     for e in entries:
         reason = e.reason or ("unreadable (not set aside yet)" if e.unreadable else "")
-        table.add_row(e.id, str(e.seq), e.state, e.method, e.path, e.order_key,
+        table.add_row(e.id, str(e.seq), e.ticket_state, e.method, e.path, e.order_key,
                       _iso(e.queued_at), str(e.attempts), _text(e.upstream_status),
                       reason, str(e.size))  # fmt: skip
     console = Console()
@@ -201,6 +209,26 @@ async def retry(q: DurableQueue, ticket: str | None, all_dead: bool) -> None:
             raise NetwatchError(f"no ticket {ticket} in {q.path}")
         raise NetwatchError(f"ticket {ticket} is {entry.state}, not a dead letter")
     click.echo(f"requeued {plural(count, 'entry', 'entries')}")
+
+
+@queue.command("resolve")
+@click.argument("ticket")
+@click.option("--applied", is_flag=True, help="The upstream has it: mark it delivered.")
+@click.option("--resend", is_flag=True, help="The upstream does not have it: send it again.")
+@_queue_command
+async def resolve(q: DurableQueue, ticket: str, applied: bool, resend: bool) -> None:
+    """Settle an entry in doubt, after checking the population database for it."""
+    if applied == resend:
+        raise UsageError("say what the upstream has: --applied or --resend")
+    before = await q.resolve(ticket, applied=applied, now=_now())
+    if before is None:
+        raise NetwatchError(f"no ticket {ticket} in {q.path}")
+    if not before.doubt or before.state not in {"queued", "in_doubt"}:
+        raise NetwatchError(f"ticket {ticket} is {before.ticket_state}, not in doubt")
+    if applied:
+        click.echo(f"{ticket}: marked delivered (resolved by operator: applied)")
+    else:
+        click.echo(f"{ticket}: queued again; it is sent at its turn, without a lookup")
 
 
 @queue.command("purge")
@@ -328,7 +356,7 @@ def _summary(e: Entry) -> dict[str, Any]:
     return {
         "ticket": e.id,
         "seq": e.seq,
-        "state": e.state,
+        "state": e.ticket_state,
         "method": e.method,
         "path": e.path,
         "order_key": e.order_key,
@@ -338,6 +366,8 @@ def _summary(e: Entry) -> dict[str, Any]:
         "next_attempt_at": _iso(e.next_attempt_at),
         "upstream_status": e.upstream_status,
         "reason": e.reason,
+        "attempts_in_doubt": e.doubts,
+        "awaiting_operator": e.state == "in_doubt",
         "delivered_at": _iso(e.delivered_at),
         "size": e.size,
         "body_bytes": len(e.body),

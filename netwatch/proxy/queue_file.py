@@ -32,7 +32,7 @@ from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError, Q
 log = structlog.get_logger(__name__)
 
 APPLICATION_ID = 0x4E575155  # "NWQU" in the SQLite header: this file is a netwatch queue
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0  # the CLI and the daemon share the file; neither holds it for long
 _LEGACY_TABLES = frozenset({"entries", "meta", "tally"})  # version 1 had no application_id
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -83,9 +83,76 @@ END;
 
 # version -> statements that bring a queue from version - 1 to it (application_id and
 # user_version are set by ``prepare`` after the last step).
+_COLUMNS_V2 = (
+    "seq, id, order_key, method, path, query, headers, body, idempotency_key, queued_at,"
+    " age_from, state, attempts, next_attempt_at, upstream_status, upstream_body, reason,"
+    " delivered_at, size"
+)
+_ENTRIES_V3 = """
+CREATE TABLE entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order, never reused
+    id TEXT NOT NULL UNIQUE,                 -- the ticket: 128 random bits
+    order_key TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,                      -- a sealed BLOB when the queue has a key
+    query BLOB NOT NULL,                     -- sealed when the queue has a key
+    headers BLOB,                            -- sealed JSON, NULL once delivered
+    body BLOB,                               -- sealed, NULL once delivered
+    idempotency_key TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    age_from REAL NOT NULL,                  -- max_age counts from here (operator retry resets)
+    -- in_doubt: held for an operator (``netwatch queue resolve``); it blocks its order key
+    state TEXT NOT NULL CHECK (state IN ('queued', 'in_doubt', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    upstream_status INTEGER,
+    upstream_body BLOB,                      -- sealed, capped
+    reason TEXT,
+    delivered_at REAL,
+    size INTEGER NOT NULL,                   -- bytes accounted against max_bytes
+    attempt_at REAL,                         -- start of the last attempt to send it
+    in_flight INTEGER NOT NULL DEFAULT 0,    -- 1 from before a send until its outcome
+    doubt INTEGER NOT NULL DEFAULT 0,        -- an attempt may have been applied: unresolved
+    doubts INTEGER NOT NULL DEFAULT 0        -- attempts that ended without a final answer
+)
+"""
+
+# version -> statements that bring a queue from version - 1 to it (application_id and
+# user_version are set by ``prepare`` after the last step).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2: application_id in the header; unreadable dead letters counted without a scan.
     2: ("CREATE INDEX entries_unreadable ON entries (seq) WHERE reason = 'unreadable'",),
+    # 3: writes in doubt. A CHECK constraint cannot be altered in place, so the table is
+    # rebuilt (its triggers and indexes go with the old one; the tally already counts the
+    # rows copied) and the seq counter carried over, so seq numbers are never reused.
+    3: (
+        "ALTER TABLE entries RENAME TO entries_v2",
+        _ENTRIES_V3,
+        f"INSERT INTO entries ({_COLUMNS_V2}) SELECT {_COLUMNS_V2} FROM entries_v2",  # noqa: S608 - constants
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'entries', seq FROM sqlite_sequence"
+        " WHERE name = 'entries_v2'"
+        " AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'entries')",
+        "UPDATE sqlite_sequence SET seq = MAX(seq,"
+        " (SELECT seq FROM sqlite_sequence WHERE name = 'entries_v2')) WHERE name = 'entries'",
+        "DROP TABLE entries_v2",
+        "CREATE INDEX entries_state_seq ON entries (state, seq)",
+        "CREATE INDEX entries_queued_key ON entries (order_key, seq)"
+        " WHERE state IN ('queued', 'in_doubt')",
+        "CREATE INDEX entries_queued_age ON entries (age_from) WHERE state = 'queued'",
+        "CREATE INDEX entries_doubt ON entries (state) WHERE doubt = 1",
+        "CREATE INDEX entries_unreadable ON entries (seq) WHERE reason = 'unreadable'",
+        "INSERT INTO tally VALUES ('in_doubt', 0, 0)",
+        """CREATE TRIGGER tally_insert AFTER INSERT ON entries BEGIN
+    UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
+END""",
+        """CREATE TRIGGER tally_delete AFTER DELETE ON entries BEGIN
+    UPDATE tally SET entries = entries - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+END""",
+        """CREATE TRIGGER tally_update AFTER UPDATE OF state, size ON entries BEGIN
+    UPDATE tally SET entries = entries - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+    UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
+END""",
+    ),
 }
 
 Kind = Literal["new", "netwatch"]

@@ -41,12 +41,13 @@ T = TypeVar("T")
 
 
 def read_tally(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(queued entries, dead entries, bytes of queued + dead entries)."""
+    """(queued entries, dead entries, bytes of every entry not delivered)."""
     rows = {
         state.decode() if isinstance(state, bytes) else state: (n, size)
         for state, n, size in conn.execute("SELECT * FROM tally")
     }
-    return rows["queued"][0], rows["dead"][0], rows["queued"][1] + rows["dead"][1]
+    used = rows["queued"][1] + rows["dead"][1] + rows["in_doubt"][1]
+    return rows["queued"][0], rows["dead"][0], used
 
 
 def file_size(path: Path) -> int:

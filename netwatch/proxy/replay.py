@@ -11,6 +11,14 @@ exponential backoff, never earlier than the upstream's ``Retry-After``); any oth
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
 
+In doubt (see ``dedupe.py``): the batch read from the queue is claimed in the same writer job
+that records its attempts (sharing the group commit of the deliveries around it), so a proxy
+killed mid-attempt knows on restart which entries may have been applied.
+A failure after the request may have been written leaves the entry in doubt; its next turn
+follows its rule's strategy: re-sent (``idempotency-key``), looked up first (``lookup``, no
+sooner than ``settle`` seconds after the doubtful attempt, so a slow upstream has finished
+applying it), or held for an operator (``hold``).
+
 Time: pacing runs on the monotonic clock; the times written to the queue file (retry
 waits) come from a ``FileTime``, which a wall clock step does not move (the station shifts
 the file's times by the step, then resyncs it), so a step neither freezes nor rushes a wait.
@@ -34,19 +42,22 @@ from typing import Literal
 import structlog
 
 from netwatch.clock import Clock, FileTime
-from netwatch.config.schema import Replay
+from netwatch.config.schema import Dedupe, Lookup, Replay
 from netwatch.errors import QueueError
+from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, verdict
 from netwatch.proxy.forward import Reply, UpstreamFailure
 from netwatch.proxy.queue import DurableQueue, Entry
 
 log = structlog.get_logger("netwatch.proxy.replay")
 
-Outcome = Literal["delivered", "retried", "dead"]
+# found: settled by a lookup (the upstream had it); held: left for an operator.
+Outcome = Literal["delivered", "retried", "dead", "found", "held"]
 RETRY_STATUSES = frozenset({408, 425, 429})
 # A Retry-After is honoured, but not one that would park an entry for more than a day.
 RETRY_AFTER_CAP = 24 * 3600.0
 DEAD_BODY_LIMIT = 64 * 1024
 RECORD_RETRY_MAX = 5.0  # seconds between tries to record an outcome the queue refused
+CLAIM_AHEAD_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +129,16 @@ def classify(status: int) -> Outcome:
 
 
 Send = Callable[[Entry], Awaitable[Reply]]
+LookupSend = Callable[[Entry, Lookup, str], Awaitable[int]]  # (entry, lookup, path) -> status
 OnResult = Callable[[Entry, Outcome, float], None]
+
+
+def _always_key(_entry: Entry) -> Dedupe:
+    return "idempotency-key"
+
+
+async def _no_lookup(_entry: Entry, _lookup: Lookup, _path: str) -> int:
+    raise AssertionError("no lookup sender given for a lookup strategy")
 
 
 class Replayer:
@@ -138,6 +158,9 @@ class Replayer:
         concurrency: int = 32,
         poll: float = 0.25,
         rand: Callable[[], float] = random.random,
+        strategy: Callable[[Entry], Dedupe] = _always_key,
+        lookup: LookupSend = _no_lookup,
+        settle: float = 0.0,
         file_time: FileTime | None = None,
     ) -> None:
         self._queue = queue
@@ -152,10 +175,12 @@ class Replayer:
         self._concurrency = concurrency
         self._poll = poll
         self._rand = rand
+        self._strategy = strategy
+        self._lookup = lookup
+        self._settle = settle
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max)
         self.bucket = TokenBucket(self.rate, clock.monotonic())
         self._in_flight: set[str] = set()  # order keys
-        self._settled: set[str] = set()  # ids settled since the current ready() began
         self._unrecorded = 0  # attempts whose outcome the queue has not taken yet
         self._wake = asyncio.Event()
 
@@ -188,31 +213,56 @@ class Replayer:
                 if not batch:
                     await self._nap(self._poll)
                     continue
-                for entry in batch:
+                for index, entry in enumerate(batch):
                     wait = self.bucket.take(self._clock.monotonic())
                     if wait > 0:
                         await asyncio.sleep(wait)
                     if not self._active():
+                        # Claimed, never sent: their record only makes a lookup or a
+                        # re-send of the upstream's answer happen if the proxy dies now.
+                        await self._unclaim(batch[index:])
                         break
                     self._in_flight.add(entry.order_key)
                     workers.create_task(self._attempt(entry), name=f"replay-{entry.id}")
 
+    def _sends_at_once(self, entry: Entry) -> bool:
+        """Whether the entry's turn begins with sending it (not with a lookup or a hold)."""
+        return not entry.doubt or self._strategy(entry) == "idempotency-key"
+
+    async def _unclaim(self, entries: list[Entry]) -> None:
+        now = self._file_time.now()
+        for entry in entries:
+            if self._sends_at_once(entry):
+                await self._queue.mark_retry(
+                    entry.id, status=None, next_attempt_at=now, now=now, attempt=False
+                )
+
     async def _next_batch(self, free: int) -> list[Entry]:
-        # An attempt that settles while this read runs may still show up in its snapshot,
-        # as a head whose key is no longer in flight: skip those ids, or it would be sent
-        # twice (and its retry backoff skipped).
-        self._settled.clear()
+        # Claimed in a writer job: an attempt that settled before it is never offered
+        # again, and one still settling has its key in flight (skipped).
+        busy = frozenset(self._in_flight)
+        # Paced, claim only what goes within CLAIM_AHEAD_S: a proxy killed meanwhile
+        # leaves few entries needlessly in doubt.
+        wanted = min(free, max(1, int(self.rate() * CLAIM_AHEAD_S)))
+        taken = 0
+
+        def skip(entry: Entry) -> bool:  # runs on the writer thread: frozen state only
+            nonlocal taken
+            if entry.order_key in busy or taken >= wanted:
+                return True
+            taken += 1
+            return False
+
         try:
-            heads = await self._queue.ready(
-                now=self._file_time.now(), limit=len(self._in_flight) + free
+            return await self._queue.claim(
+                now=self._file_time.now(),
+                limit=len(busy) + wanted,
+                skip=skip,
+                sends=self._sends_at_once,
             )
         except QueueError:
             log.exception("replay_queue_read_failed")
             return []
-        fresh = [
-            e for e in heads if e.order_key not in self._in_flight and e.id not in self._settled
-        ]
-        return fresh[:free]
 
     async def _attempt(self, entry: Entry) -> None:
         try:
@@ -222,7 +272,6 @@ class Replayer:
             log.exception("replay_queue_write_failed", ticket=entry.id)
             await asyncio.sleep(self._poll)
         finally:
-            self._settled.add(entry.id)
             self._in_flight.discard(entry.order_key)
             self._wake.set()
 
@@ -232,12 +281,26 @@ class Replayer:
             log.warning("replay_unreadable", ticket=entry.id, seq=entry.seq, why=entry.unreadable)
             self._on_result(entry, "dead", self._file_time.now())
             return
+        strategy = self._strategy(entry)
+        if not self._sends_at_once(entry):
+            if isinstance(strategy, str):  # hold (idempotency-key sends at once)
+                await self._hold(entry, "in doubt: awaiting an operator", in_doubt=False)
+                return
+            if await self._settled_by_lookup(entry, strategy.lookup):
+                return
+            # The upstream does not have it: send it, recording the attempt first.
+            await self._queue.mark_attempting([entry.id], now=self._file_time.now())
         try:
             reply = await self._send(entry)
         except UpstreamFailure as failure:
             self._on_network_error(failure.reason)
-            await self._retry(entry, None, None)
-            log.info("replay_retry", ticket=entry.id, reason=failure.reason)
+            if failure.in_doubt and strategy == "hold":
+                await self._hold(entry, f"in doubt: {failure.reason}", in_doubt=True)
+                return
+            await self._retry(entry, None, None, in_doubt=failure.in_doubt)
+            log.info(
+                "replay_retry", ticket=entry.id, reason=failure.reason, in_doubt=failure.in_doubt
+            )
             self._on_result(entry, "retried", self._file_time.now())
             return
         now = self._file_time.now()
@@ -266,13 +329,20 @@ class Replayer:
             log.warning("replay_rejected", ticket=entry.id, status=reply.status)
         self._on_result(entry, verdict, now)
 
-    async def _retry(self, entry: Entry, status: int | None, retry_after: float | None) -> None:
+    async def _retry(
+        self,
+        entry: Entry,
+        status: int | None,
+        retry_after: float | None,
+        *,
+        in_doubt: bool = False,
+    ) -> None:
         now = self._file_time.now()
         delay = self.backoff.delay(entry.attempts + 1, retry_after=retry_after, rand=self._rand)
         await self._record(
             entry,
             lambda: self._queue.mark_retry(
-                entry.id, status=status, next_attempt_at=now + delay, now=now
+                entry.id, status=status, next_attempt_at=now + delay, now=now, in_doubt=in_doubt
             ),
         )
 
@@ -299,3 +369,55 @@ class Replayer:
                     return
         finally:
             self._unrecorded -= 1
+
+    async def _hold(self, entry: Entry, reason: str, *, in_doubt: bool) -> None:
+        now = self._file_time.now()
+        await self._record(
+            entry,
+            lambda: self._queue.mark_held(entry.id, reason=reason, in_doubt=in_doubt, now=now),
+        )
+        log.warning("replay_held_in_doubt", ticket=entry.id, reason=reason)
+        self._on_result(entry, "held", now)
+
+    async def _settled_by_lookup(self, entry: Entry, lookup: Lookup) -> bool:
+        """Ask the upstream about an entry in doubt. True when this turn is over (found,
+        held, or to be asked again later); False when it is absent: send it."""
+        now = self._file_time.now()
+        ready_at = (entry.attempt_at or 0.0) + self._settle
+        if ready_at > now:
+            await self._queue.mark_retry(
+                entry.id, status=None, next_attempt_at=ready_at, now=now, attempt=False
+            )
+            return True
+        try:
+            path = render(parse_template(lookup.url), entry)
+        except LookupImpossible as exc:
+            await self._hold(entry, f"lookup impossible: {exc}", in_doubt=False)
+            return True
+        try:
+            status = await self._lookup(entry, lookup, path)
+        except UpstreamFailure as failure:
+            self._on_network_error(failure.reason)
+            status = None
+        found = "unknown" if status is None else verdict(lookup, status)
+        now = self._file_time.now()
+        if found == "absent":
+            log.info("replay_lookup_absent", ticket=entry.id)
+            return False
+        if found == "applied":
+            assert status is not None
+            found_status = status
+            await self._record(
+                entry,
+                lambda: self._queue.mark_delivered(
+                    entry.id, status=found_status, now=now, reason="found by lookup"
+                ),
+            )
+            log.info("replay_found_by_lookup", ticket=entry.id, status=status)
+            self._on_result(entry, "found", now)
+            return True
+        # No verdict (a network error, or a status that is neither): ask again later.
+        await self._retry(entry, None, None)
+        log.info("replay_lookup_unsettled", ticket=entry.id, status=status)
+        self._on_result(entry, "retried", now)
+        return True

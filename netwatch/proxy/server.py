@@ -6,7 +6,10 @@ Decision per request (the mode comes from the mode machine, owned by ``station.p
   Idempotency-Key if they lack one, so that a failed forward can still be queued and any
   replay de-duplicated. Others stream both ways.
 - a forward that fails on the network, or gets 502/503/504: passive failure (offline at
-  once); a replayable request is then queued and answered 202 rather than failed.
+  once); a replayable request is then queued and answered 202 rather than failed. When the
+  request may have reached the upstream (it was written, then no answer came), it is queued
+  *in doubt*: never re-sent blindly, its rule's dedupe strategy settles it.
+- an entry held in doubt for an operator counts as waiting: new writes queue behind it.
 - offline or replaying, replayable: queued behind the backlog (committed before the 202).
 - offline, anything else: 503 with Retry-After. While *replaying* the link is known good,
   so non-replayable requests (lookups) are still forwarded: the counter keeps working
@@ -34,6 +37,7 @@ from netwatch.auth import require_token
 from netwatch.config.schema import Proxy
 from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError, QueueFullError
 from netwatch.monitor.api import metrics_handler
+from netwatch.proxy.dedupe import rule_for
 from netwatch.proxy.forward import (
     UPSTREAM_DOWN_STATUSES,
     BodyTooLarge,
@@ -41,7 +45,6 @@ from netwatch.proxy.forward import (
     Forwarder,
     ResponseCut,
     UpstreamFailure,
-    is_replayable,
     outgoing_headers,
     read_limited,
 )
@@ -90,6 +93,10 @@ _keys = random.Random()  # seeded from os.urandom; keys need uniqueness, not sec
 def new_idempotency_key() -> str:
     """A random (version 4) UUID without a system call per request."""
     return str(uuid.UUID(int=_keys.getrandbits(128), version=4))
+
+
+def _order_key(request: web.Request) -> str:
+    return request.headers.get(ORDER_KEY_HEADER, "")[:MAX_ORDER_KEY]
 
 
 def _error(status: int, error: str, **extra: Any) -> web.Response:
@@ -177,12 +184,14 @@ class ProxyServer:
         return web.json_response(
             {
                 "ticket": entry.id,
-                "state": entry.state,
+                "state": entry.ticket_state,
                 "attempts": entry.attempts,
                 "upstream_status": entry.upstream_status,
                 "queued_at": iso(entry.queued_at),
                 "delivered_at": iso(entry.delivered_at),
                 "reason": entry.reason,
+                "attempts_in_doubt": entry.doubts,
+                "awaiting_operator": entry.state == "in_doubt",
             }
         )
 
@@ -221,7 +230,8 @@ class ProxyServer:
         if request.content_length is not None and request.content_length > limit:
             return "rejected", _error(413, "body_too_large", max_body=limit)
         headers = outgoing_headers(request)
-        if not is_replayable(self.settings.replayable, request.method, request.path):
+        rule = rule_for(self.settings.replayable, request.method, request.path)
+        if rule is None:
             mode = self._core.mode
             if mode == "offline":
                 return "rejected", _error(503, "upstream_unavailable", mode=mode)
@@ -234,11 +244,14 @@ class ProxyServer:
         if isinstance(body, web.Response):
             return "rejected", body
         # Decided once the write has fully arrived, from the queue file's backlog: queued
-        # behind anything waiting (even while replaying), so it never overtakes an older
-        # write on its order key, whoever put that one back in the queue.
+        # behind anything waiting (even while replaying, or held in doubt), so it never
+        # overtakes an older write on its order key, whoever put that one back in the queue.
         if self._core.mode_for_write() != "online":
             return await self._queue(request, headers, body, key)
-        return await self._forward(request, headers, (body, key))
+        dedupe = self.settings.dedupe if rule.dedupe is None else rule.dedupe
+        return await self._forward(
+            request, headers, (body, key), resend_safe=dedupe == "idempotency-key"
+        )
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The whole body, or the answer that refuses it (too large, or too slow)."""
@@ -259,8 +272,11 @@ class ProxyServer:
         request: web.Request,
         headers: CIMultiDict[str],
         buffered: tuple[bytes, str] | None,
+        *,
+        resend_safe: bool = False,
     ) -> tuple[str, web.StreamResponse]:
-        """Forward; ``buffered`` is (body, idempotency key) for a replayable request."""
+        """Forward; ``buffered`` is (body, idempotency key) for a replayable request, and
+        ``resend_safe`` says whether the upstream de-duplicates it (its rule's strategy)."""
         fwd = self._forwarder
         method = request.method
         url = fwd.url(request.rel_url.raw_path, request.rel_url.raw_query_string)
@@ -271,7 +287,7 @@ class ProxyServer:
             body = fwd.counted(request)
         else:
             body = None
-        idempotent = buffered is not None or (method in SAFE_METHODS and body is None)
+        idempotent = resend_safe or (buffered is None and method in SAFE_METHODS and body is None)
         try:
             upstream = await fwd.send(
                 method, url, headers, body, abandonable=buffered is not None, idempotent=idempotent
@@ -282,7 +298,7 @@ class ProxyServer:
             if not failure.abandoned:
                 self._core.passive_failure(failure.reason)
             if buffered is not None:
-                return await self._queue(request, headers, *buffered)
+                return await self._queue(request, headers, *buffered, doubt=failure.in_doubt)
             return "failed", _error(502, "upstream_failed", reason=failure.reason)
         outcome = "forwarded"
         if upstream.status in UPSTREAM_DOWN_STATUSES:
@@ -298,7 +314,13 @@ class ProxyServer:
             raise
 
     async def _queue(
-        self, request: web.Request, headers: CIMultiDict[str], body: bytes, key: str
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        body: bytes,
+        key: str,
+        *,
+        doubt: bool = False,
     ) -> tuple[str, web.StreamResponse]:
         # Content-Length is recomputed on replay; everything else is replayed as received.
         stored = tuple((k, v) for k, v in headers.items() if k.lower() != "content-length")
@@ -309,7 +331,8 @@ class ProxyServer:
             headers=stored,
             body=body,
             idempotency_key=key,
-            order_key=request.headers.get(ORDER_KEY_HEADER, "")[:MAX_ORDER_KEY],
+            order_key=_order_key(request),
+            doubt=doubt,
         )
         try:
             entry, position = await self._core.enqueue(new)
@@ -329,5 +352,7 @@ class ProxyServer:
             "position": position,
             "queued_at": iso(entry.queued_at),
         }
+        if doubt:
+            payload["in_doubt"] = True  # the upstream may have it: settled before any re-send
         headers_out = {TICKET_HEADER: entry.id, "Location": f"/_netwatch/tickets/{entry.id}"}
         return "queued", web.json_response(payload, status=202, headers=headers_out)

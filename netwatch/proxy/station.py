@@ -28,6 +28,11 @@ writes forwarded directly) after a read of the queue file found nothing waiting,
 online every new write first checks that the file has not changed since (another process
 may have put dead letters back). Counts kept here between reads are estimates that may
 only err on the side of "something waits".
+
+Entries in doubt: on start, every entry whose send was in flight when the process died
+becomes in doubt (``recover_attempts``); the replayer settles them by their rule's dedupe
+strategy. One held for an operator counts as waiting (``backlog.py``), so new writes queue
+behind it until ``netwatch queue resolve``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from netwatch.proxy import mode as machine
 from netwatch.proxy.backlog import BacklogWatch
 from netwatch.proxy.connections import ConnectionLimits, connection_cap
 from netwatch.proxy.crypto import default_key_path
+from netwatch.proxy.dedupe import strategy_for
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -139,7 +145,7 @@ class StationProxy:
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
         self._watch: BacklogWatch | None = None
         self._stats: QueueSnapshot | None = None
-        self._published: tuple[int, int, str, int] | None = None
+        self._published: tuple[int, int, str, int, int, int] | None = None
         self._stack: AsyncExitStack | None = None
         self._queue: DurableQueue | None = None
         self._forwarder: Forwarder | None = None
@@ -171,39 +177,18 @@ class StationProxy:
             # QueueKeyError (wrong or missing key) and QueueForeignError propagate from
             # here: fail fast. A damaged file opens in the damaged state (see health()).
             self._queue = await stack.enter_async_context(opener)
-            now = self._clock.now()
             self._file_time.resync()
-            file_now = self._file_time.now()
-            wait = self.settings.replay.backoff_max
-            damaged = self._queue.damaged is not None
-            if not damaged and (
-                clamped := await self._queue.clamp_future(now=file_now, max_wait=wait)
-            ):
-                log.warning("proxy_queue_times_in_future", entries=clamped)
-            # A damaged file may not even answer these: healthz and the alert say so.
-            with contextlib.suppress(QueueError):
-                self._stats = await self._queue.stats(now=file_now)
-            try:
-                self._watch = BacklogWatch(self._queue.path)
-            except sqlite3.Error as exc:
-                raise QueueError(f"{self._queue.path}: cannot watch the queue: {exc}") from exc
-            stack.callback(self._watch.close)
-            try:
-                self._depth = self._watch.refresh(force=True) or 0
-            except sqlite3.Error:
-                if not damaged:
-                    raise
-                self._depth = self._stats.depth if self._stats else 0
-            with contextlib.suppress(QueueError):
-                self._last_delivered = await self._queue.last_delivered_at()
+            await self._read_backlog(stack)
+            now = self._clock.now()
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
             self._forwarder = await stack.enter_async_context(Forwarder(self.settings))
+            settings = self.settings
             self._replayer = Replayer(
                 self._queue,
                 self._forwarder.replay,
-                self.settings.replay,
+                settings.replay,
                 clock=self._clock,
                 file_time=self._file_time,
                 is_peak=self._is_peak,
@@ -211,6 +196,11 @@ class StationProxy:
                 on_result=self._replayed,
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
+                strategy=lambda e: strategy_for(
+                    settings.replayable, settings.dedupe, e.method, e.path
+                ),
+                lookup=self._forwarder.lookup,
+                settle=settings.request_timeout,
             )
             server = ProxyServer(
                 self.settings,
@@ -256,6 +246,35 @@ class StationProxy:
             max_connections=self._limits.cap,
         )
         return self
+
+    async def _read_backlog(self, stack: AsyncExitStack) -> None:
+        """What the queue file holds at start: attempts cut by a crash become in doubt,
+        times a clock step put in the future are clamped, the backlog is counted. A
+        damaged file is only read (what still reads): healthz and the alert say why."""
+        queue = self.queue
+        damaged = queue.damaged is not None
+        file_now = self._file_time.now()
+        if not damaged:
+            if recovered := await queue.recover_attempts():
+                log.warning("proxy_attempts_in_doubt_after_restart", count=len(recovered))
+            wait = self.settings.replay.backoff_max
+            if clamped := await queue.clamp_future(now=file_now, max_wait=wait):
+                log.warning("proxy_queue_times_in_future", entries=clamped)
+        with contextlib.suppress(QueueError):
+            self._stats = await queue.stats(now=file_now)
+        try:
+            self._watch = BacklogWatch(queue.path)
+        except sqlite3.Error as exc:
+            raise QueueError(f"{queue.path}: cannot watch the queue: {exc}") from exc
+        stack.callback(self._watch.close)
+        try:
+            self._depth = self._watch.refresh(force=True) or 0
+        except sqlite3.Error:
+            if not damaged:
+                raise
+            self._depth = self._stats.depth if self._stats else 0
+        with contextlib.suppress(QueueError):
+            self._last_delivered = await queue.last_delivered_at()
 
     async def __aexit__(self, *exc: object) -> None:
         if self._stack is not None:
@@ -380,11 +399,12 @@ class StationProxy:
         return None
 
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
-        lag = now - entry.queued_at if outcome == "delivered" else None
+        lag = now - entry.queued_at if outcome in {"delivered", "found"} else None
         self.metrics.replayed(outcome, lag)
-        if outcome == "delivered":
+        if outcome in {"delivered", "found"}:
             self._last_delivered = now
-        if outcome != "retried":
+        # A held entry still waits (for an operator): it stays in the backlog.
+        if outcome not in {"retried", "held"}:
             self._settled(1)
 
     def _settled(self, count: int) -> None:
@@ -485,7 +505,7 @@ class StationProxy:
             stats = self._stats
         self._stats = stats
         self.metrics.queue_stats = stats
-        key = (stats.depth, stats.dead, queue.health, stats.unreadable)
+        key = (stats.depth, stats.dead, queue.health, stats.unreadable, stats.in_doubt, stats.held)
         if force_publish or key != self._published:
             self._published = key
             self.hub.publish(
@@ -496,6 +516,8 @@ class StationProxy:
                     stats.dead,
                     health=queue.health,
                     unreadable=stats.unreadable,
+                    in_doubt=stats.in_doubt,
+                    held=stats.held,
                 )
             )
 
@@ -517,6 +539,9 @@ class StationProxy:
             "override": state.override,
             "remote_mode": state.remote,
             "backlog": self._depth + self._enqueuing,  # live; "queue" is the last disk read
+            # Entries that may have been applied upstream without an answer (held for an
+            # operator or not): the staff page shows them as needing attention.
+            "in_doubt": stats.in_doubt if stats else 0,
             "passive_hold_until": self._hold_until(),
             "guard": {
                 name: ("unknown" if ok is None else "ok" if ok else "down")
@@ -531,6 +556,9 @@ class StationProxy:
                 "dead": stats.dead,
                 "unreadable": stats.unreadable,
                 "health": self.queue.health,
+                "in_doubt": stats.in_doubt,
+                "held": stats.held,
+                "blocked": stats.blocked,
             },
             "replay": {
                 "in_flight": self._replayer.in_flight if self._replayer else 0,

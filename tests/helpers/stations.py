@@ -223,7 +223,12 @@ class Station:
         invalid = seq % self.invalid_every == 0
         item = Sent(self.name, seq, f"{self.name}-{seq:05d}", invalid)
         self.sent.append(item)
-        body: dict[str, Any] = {"station": self.name, "seq": seq, "citizen_id": f"{seq:012d}"}
+        body: dict[str, Any] = {
+            "station": self.name,
+            "seq": seq,
+            "citizen_id": f"{seq:012d}",
+            "application_no": item.key,  # what an upstream lookup finds it by
+        }
         if invalid:
             body["invalid"] = True
         headers = {"Idempotency-Key": item.key, "Netwatch-Order-Key": self.name}
