@@ -21,7 +21,8 @@ Goal: right scope everywhere, one notification per incident, verdict within two 
 intervals plus one rule evaluation. The silence threshold is 2 scrape intervals plus the
 remote-write batch deadline plus 1 s, as docs/operations.md advises. The brownout alert has
 ``for: 1m`` in the shipped rules; here it is 2 scrape intervals, so the run stays short.
-Alertmanager's group_wait/group_interval are scaled by ``--am-scale``.
+Alertmanager's group_wait/group_interval are scaled like the scrape interval (the shipped
+config assumes 15 s scrapes), or by ``--am-scale``.
 """
 
 from __future__ import annotations
@@ -229,9 +230,9 @@ async def one(stack: Stack, scenario: Scenario, sites: int) -> Row:
                 break
         await asyncio.sleep(0.1)
     scope_ok = verdict is not None and city == {k for k in expected if k[0] in BROAD}
-    # Longest group_wait of the shipped routes (30 s, scaled) plus room for the alerts of
+    # Longest group_wait of the shipped routes (1 min, scaled) plus room for the alerts of
     # silent sites that cross the threshold one scrape later.
-    await asyncio.sleep(30 * stack.am_scale + 2 * stack.scrape + 2)
+    await asyncio.sleep(60 * stack.am_scale + 2 * stack.scrape + 2)
     pages = hook.firing()[pages_before:]
     # Every page is about the broad alert(s): nothing narrow leaked past the inhibition.
     scope_ok = scope_ok and all(
@@ -246,8 +247,13 @@ def main() -> int:
     parser.add_argument("--scrape", type=float, default=2.0, help="scrape interval, s")
     parser.add_argument("--evaluation", type=float, default=1.0, help="rule interval, s")
     parser.add_argument("--batch", type=float, default=0.5, help="remote-write deadline, s")
-    parser.add_argument("--am-scale", type=float, default=0.2, help="Alertmanager waits x")
+    parser.add_argument(
+        "--am-scale",
+        type=float,
+        help="Alertmanager's waits times this (default: scrape / 15 s, the shipped ratio)",
+    )
     args = parser.parse_args()
+    args.am_scale = args.am_scale or args.scrape / 15
     goal = 2 * args.scrape + args.evaluation
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="netwatch-city-") as tmp:

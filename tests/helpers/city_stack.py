@@ -180,7 +180,7 @@ def alertmanager_config(webhook_url: str, scale: float = 1.0) -> dict[str, Any]:
     def scaled(route: dict[str, Any]) -> None:
         for key in ("group_wait", "group_interval"):
             if key in route:
-                route[key] = f"{max(1, round(_seconds(route[key]) * scale * 1000))}ms"
+                route[key] = f"{max(1, round(duration_seconds(route[key]) * scale * 1000))}ms"
         for child in route.get("routes", []):
             scaled(child)
 
@@ -188,7 +188,7 @@ def alertmanager_config(webhook_url: str, scale: float = 1.0) -> dict[str, Any]:
     return config
 
 
-def _seconds(text: str) -> float:
+def duration_seconds(text: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     for unit in ("ms", "s", "m", "h"):
         if text.endswith(unit):
