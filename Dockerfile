@@ -1,8 +1,15 @@
-# netwatch site daemon. ICMP probes need raw sockets: run with `--cap-add NET_RAW`
-# (or set `privileged: "no"` plus `fallback_tcp_port` on icmp targets).
+# netwatch site daemon, running as the non-root user `netwatch`.
+#
+# ICMP: `--cap-add NET_RAW` gives nothing to a non-root process (Docker sets no ambient
+# capabilities), so icmp targets use unprivileged ICMP sockets instead (`privileged: auto`
+# picks them). Those need the container's net.ipv4.ping_group_range to cover the user's
+# group: Docker 20.10 and later set "0 2147483647" in every container; elsewhere add
+# `--sysctl net.ipv4.ping_group_range="0 2147483647"` (docker-compose.yml does). Raw
+# sockets (`privileged: yes`) need `--user root --cap-add NET_RAW`. Without either, set
+# `fallback_tcp_port` on icmp targets.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY netwatch ./netwatch
 COPY probes ./probes
 RUN pip install --no-cache-dir --prefix=/install .

@@ -1,17 +1,24 @@
 # netwatch: one entry point per thing a person wants to do on a fresh machine.
 #   make demo   - create the venv, install, run the demo on loopback
 #   make test   - install Debian test tools + venv, then lint, type-check and run every test
+#   make install - as root: netwatch in its own venv under PREFIX, a systemd unit (docs/install.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
-	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics
+	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics chromium systemd
 BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
+# make install: where netwatch goes (deploy/install.sh says what each one is for).
+PREFIX ?= /opt/netwatch
+SYSCONFDIR ?= /etc/netwatch
+UNITDIR ?= /etc/systemd/system
+BINDIR ?= /usr/local/bin
+SYSTEMD ?= auto
 
-.PHONY: venv deps demo test lint typecheck unit bench clean
+.PHONY: venv deps demo test lint typecheck unit bench clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +66,10 @@ bench: deps venv
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/mqtt_latency.py
+
+install:
+	PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" UNITDIR="$(UNITDIR)" BINDIR="$(BINDIR)" \
+		SYSTEMD="$(SYSTEMD)" PYTHON="$(PYTHON)" bash deploy/install.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.relay import FaultRelay, RelayMode  # found through the path set just above
 from helpers.servers import free_port
 
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
 
 @asynccontextmanager

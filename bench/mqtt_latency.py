@@ -26,9 +26,9 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.mosquitto import run_mosquitto
 
-from netwatch.config import Mqtt
+from netwatch.config.schema import Mqtt
 from netwatch.events import LinkChanged
-from netwatch.mqtt import MqttBridge, client_options
+from netwatch.mqtt.bridge import MqttBridge, client_options
 
 SITE = "bench"
 PREFIX = "netwatch/v1"

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from netwatch.clock import SystemClock
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
 from netwatch.proxy.replay import Outcome, Replayer
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
 UNTHROTTLED = 1e9
 

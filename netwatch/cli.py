@@ -16,6 +16,7 @@ import click
 from netwatch import __version__
 from netwatch.errors import ConfigError, NetwatchError, UsageError
 from netwatch.logs import configure_logging
+from netwatch.words import plural
 
 
 class _State:
@@ -72,7 +73,7 @@ def run(config_path: Path) -> None:
 @config_option
 def proxy(config_path: Path) -> None:
     """Run only the station proxy (with its own guard probe of the upstream)."""
-    from netwatch.config import load_config
+    from netwatch.config.schema import load_config
     from netwatch.daemon import run_daemon
 
     if load_config(config_path).proxy is None:
@@ -82,18 +83,29 @@ def proxy(config_path: Path) -> None:
 
 @cli.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(path: Path) -> None:
-    """Validate a config file: exit 0, or 2 with one line per problem."""
-    from netwatch.config import load_config
+@click.option(
+    "--skip-files",
+    is_flag=True,
+    help="Do not check the files it names (CA, certificates, key, queue): for a config "
+    "checked away from its site.",
+)
+def check_config(path: Path, skip_files: bool) -> None:
+    """Validate a config file and the files it names: exit 0, or 2 with one line per problem."""
+    from netwatch.config.files import check_files
+    from netwatch.config.schema import load_config
 
     config = load_config(path)
+    if not skip_files:
+        check_files(config, path)
     extra = f", proxy on {config.proxy.listen}" if config.proxy else ""
-    click.echo(f"{path}: ok ({len(config.targets)} targets{extra})")
+    click.echo(f"{path}: ok ({plural(len(config.targets), 'target')}{extra})")
 
 
 @cli.command()
 @click.argument(
-    "probe_type", metavar="TYPE", type=click.Choice(["icmp", "tcp", "http", "dns", "tls"])
+    "probe_type",
+    metavar="TYPE",
+    type=click.Choice(["icmp", "tcp", "http", "dns", "tls", "path"]),
 )
 @click.argument("target")
 @click.option("--timeout", default="2s", show_default=True, help="Probe timeout (e.g. 500ms, 2s).")
@@ -104,6 +116,15 @@ def check_config(path: Path) -> None:
 @click.option("--record", default="A", type=click.Choice(["A", "AAAA"]), help="dns: record type.")
 @click.option("--server", default=None, help="dns: nameserver host[:port].")
 @click.option("--expect", multiple=True, help="dns: expected address (repeat).")
+@click.option("--rounds", default=3, show_default=True, help="path: probes per hop.")
+@click.option("--max-hops", default=30, show_default=True, help="path: the longest path traced.")
+@click.option(
+    "--protocol",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "icmp", "udp"]),
+    help="path: icmp (root) or udp; auto picks icmp as root.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def probe(
     probe_type: str,
@@ -116,9 +137,13 @@ def probe(
     record: str,
     server: str | None,
     expect: tuple[str, ...],
+    rounds: int,
+    max_hops: int,
+    protocol: str,
     as_json: bool,
 ) -> None:
-    """Run one probe now: icmp HOST, tcp HOST:PORT, http URL, dns NAME, tls HOST[:PORT]."""
+    """Run one probe now: icmp HOST, tcp HOST:PORT, http URL, dns NAME, tls HOST[:PORT],
+    path HOST (an mtr-style trace)."""
     from netwatch.oneshot import probe_params, render_result, run_probe
 
     params = probe_params(
@@ -131,6 +156,9 @@ def probe(
         record=record,
         server=server,
         expect=expect,
+        rounds=rounds,
+        max_hops=max_hops,
+        protocol=protocol,
     )
     result = run_probe(probe_type, params, timeout)
     if as_json:
@@ -146,19 +174,27 @@ def probe(
 )
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
-def status(url: str | None, config_path: Path | None, as_json: bool) -> None:
+@click.option(
+    "--token",
+    envvar="NETWATCH_TOKEN",
+    default=None,
+    help="Bearer token (metrics.token or proxy.admin_token) [env: NETWATCH_TOKEN].",
+)
+def status(url: str | None, config_path: Path | None, as_json: bool, token: str | None) -> None:
     """Show link states, proxy mode and queue depth of a running daemon."""
     from netwatch.oneshot import fetch_status, render_status
 
     if url is None:
         listen = "127.0.0.1:9108"
         if config_path is not None:
-            from netwatch.config import load_config
+            from netwatch.config.schema import load_config
 
-            listen = load_config(config_path).metrics.listen
+            config = load_config(config_path)
+            listen = config.metrics.listen
+            token = token or config.metrics.token
         host, _, port = listen.rpartition(":")
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
-    data = fetch_status(url)
+    data = fetch_status(url, token=token or None)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -187,7 +223,7 @@ def demo(
     metrics_port: int,
 ) -> None:
     """Everything on loopback: simulated population database, daemon, proxy and stations."""
-    from netwatch.demo import DemoOptions, run_demo
+    from netwatch.demo.run import DemoOptions, run_demo
 
     root = ctx.find_root()
     if root.params.get("log_level") == "info" and not root.params.get("debug"):
@@ -221,8 +257,71 @@ def keygen(path: Path) -> None:
     click.echo(f"{path}: key written (keep it safe: queued entries cannot be read without it)")
 
 
+@cli.command()
+@click.option("--site", "site_id", required=True, help="Site id, e.g. q1-ben-nghe.")
+@click.option("--name", required=True, help='Site name, e.g. "UBND phường Bến Nghé".')
+@click.option("--upstream", required=True, help="The population database API's base URL.")
+@click.option("--district", default="", help="District label (city view).")
+@click.option("--isp", default="", help="ISP label (city view).")
+@click.option("--timezone", default="Asia/Ho_Chi_Minh", show_default=True)
+@click.option(
+    "--queue",
+    "queue_path",
+    default="/var/lib/netwatch/queue.db",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Queue file; its key is made beside it (queue.key).",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default="/etc/netwatch/netwatch.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the config.",
+)
+@click.option(
+    "--listen", default="0.0.0.0:8080", show_default=True, help="Where stations reach the proxy."
+)
+@click.option("--metrics-listen", default="127.0.0.1:9108", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing config (never a key).")
+def init(
+    site_id: str,
+    name: str,
+    upstream: str,
+    district: str,
+    isp: str,
+    timezone: str,
+    queue_path: Path,
+    config_path: Path,
+    listen: str,
+    metrics_listen: str,
+    force: bool,
+) -> None:
+    """Write a site's first config and its queue key."""
+    from netwatch.siteinit import SiteAnswers, write_site
+
+    answers = SiteAnswers(
+        site_id=site_id,
+        name=name,
+        upstream=upstream,
+        district=district,
+        isp=isp,
+        timezone=timezone,
+        queue=queue_path,
+        proxy_listen=listen,
+        metrics_listen=metrics_listen,
+    )
+    written = write_site(answers, config_path, force=force)
+    key = "written" if written.key_created else "kept (it already existed)"
+    click.echo(f"{written.config_path}: config written for site {written.config.site.id}")
+    click.echo(f"{written.key_path}: queue key {key}; back it up (docs/install.md)")
+    click.echo(f"next: netwatch check-config {written.config_path}")
+
+
 def _attach_queue() -> None:
-    from netwatch.queue_cmd import queue
+    from netwatch.proxy.queue_cmd import queue
 
     cli.add_command(queue)
 

@@ -8,7 +8,11 @@
     ├── ProbeError                   a probe could not even be attempted (bad spec)
     ├── QueueError                   the durable station queue
     │   ├── QueueFullError           max_bytes reached: the proxy answers 507
-    │   └── QueueKeyError            wrong or missing encryption key: fail fast
+    │   ├── QueueKeyError            wrong or missing encryption key: fail fast
+    │   │   └── KeyFileMissingError  exit 2: the key file named is not there
+    │   └── QueueFileMissingError    exit 2: the queue file named is not there
+    ├── MissingFileError             exit 2: a file named by the config or the command line
+    │                                is not there (the two above are also this)
     └── DaemonError                  a running daemon could not be reached or started
 
 Leaves that describe I/O failures also subclass the matching stdlib error where one
@@ -54,6 +58,21 @@ class QueueFullError(QueueError):
 
 class QueueKeyError(QueueError):
     """The queue's encryption key is missing, malformed or does not open the entries."""
+
+
+class MissingFileError(NetwatchError, FileNotFoundError):
+    """A file named by the config or on the command line is not there: exit 2, like a
+    missing config file."""
+
+    exit_code = 2
+
+
+class KeyFileMissingError(QueueKeyError, MissingFileError):
+    """The queue key file named is not there."""
+
+
+class QueueFileMissingError(QueueError, MissingFileError):
+    """The queue file named is not there (and the command does not create one)."""
 
 
 class DaemonError(NetwatchError, ConnectionError):

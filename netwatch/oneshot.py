@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from typing import Any
 from urllib.error import HTTPError, URLError
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rich.console import Console
 from rich.table import Table
 
 import probes
-from netwatch.config import parse_duration
+from netwatch.config.schema import parse_duration
 from netwatch.errors import DaemonError, UsageError
+from netwatch.pathcmd import path_line, render_path
 from probes import ProbeResult
+from probes.path import PathProbe
 
 _SECONDS_DETAILS = frozenset({"min", "avg", "max", "jitter", "resolve"})
 _STATE_STYLE = {"up": "green", "degraded": "yellow", "down": "bold red", "unknown": "dim"}
@@ -41,10 +45,15 @@ def probe_params(
     record: str,
     server: str | None,
     expect: tuple[str, ...],
+    rounds: int = 3,
+    max_hops: int = 30,
+    protocol: str = "auto",
 ) -> dict[str, Any]:
     """Turn the command line into the probe's keyword parameters."""
     if probe_type == "icmp":
         return {"host": target, "count": count}
+    if probe_type == "path":
+        return {"host": target, "rounds": rounds, "max_hops": max_hops, "protocol": protocol}
     if probe_type == "tcp":
         host, port = _host_port(target, None)
         return {"host": host, "port": port}
@@ -73,6 +82,9 @@ def run_probe(probe_type: str, params: dict[str, Any], timeout: str) -> ProbeRes
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
+    if isinstance(probe, PathProbe):
+        seconds = probe.budget(seconds)  # the timeout is each answer's, not the trace's
+
     async def once() -> ProbeResult:
         try:
             return await probe.run(seconds)
@@ -91,6 +103,9 @@ def _ms(seconds: float | None) -> str:
 
 def render_result(result: ProbeResult, console: Console | None = None) -> None:
     console = console or Console()
+    if result.type == "path":
+        render_path(result, console)
+        return
     verdict = "[green]ok[/]" if result.success else f"[bold red]failed[/] ({result.error})"
     console.print(f"{result.type} {result.target}: {verdict}  latency {_ms(result.latency)}")
     if result.message:
@@ -108,34 +123,72 @@ def render_result(result: ProbeResult, console: Console | None = None) -> None:
             console.print(f"  {key}: {value}")
 
 
-def _get_json(endpoint: str, timeout: float) -> dict[str, Any]:
-    with urlopen(endpoint, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
+def _get_json(endpoint: str, timeout: float, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = Request(endpoint, headers=headers)  # noqa: S310 - the operator's own URL
+    with urlopen(request, timeout=timeout) as resp:  # noqa: S310 - the operator's own URL
         data: dict[str, Any] = json.load(resp)
         return data
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def _refused(endpoint: str, exc: HTTPError, token: str | None) -> DaemonError:
+    if exc.code == 401:
+        hint = "the token was refused" if token else "it needs a token: --token or NETWATCH_TOKEN"
+        return DaemonError(f"{endpoint} answered 401 Unauthorized: {hint}")
+    return DaemonError(f"{endpoint} answered {exc.code} {exc.reason}")
+
+
+def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
     """The status of a site daemon, or of a stand-alone ``netwatch proxy`` (which has only
-    its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets)."""
+    its ``/_netwatch/status``: shown as a daemon status with a proxy and no targets).
+    ``token``: the bearer token (``metrics.token`` or ``proxy.admin_token``)."""
     base = url.rstrip("/")
     endpoint = base + "/api/v1/status"
     try:
-        return _get_json(endpoint, timeout)
+        return _get_json(endpoint, timeout, token)
     except HTTPError as exc:
         if exc.code != 404:
-            raise DaemonError(f"{endpoint} answered {exc.code} {exc.reason}") from None
+            raise _refused(endpoint, exc, token) from None
     except (URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DaemonError(f"cannot reach the daemon at {endpoint}: {reason}") from None
+    endpoint = base + "/_netwatch/status"
     try:
-        proxy = _get_json(base + "/_netwatch/status", timeout)
+        proxy = _get_json(endpoint, timeout, token)
+    except HTTPError as exc:
+        if exc.code == 401:
+            raise _refused(endpoint, exc, token) from None
+        raise DaemonError(f"{url} is neither a netwatch daemon nor a station proxy") from exc
     except (URLError, OSError, ValueError) as exc:
         raise DaemonError(f"{url} is neither a netwatch daemon nor a station proxy") from exc
     return {"site": {"id": "(station proxy)"}, "role": "proxy", "targets": [], "proxy": proxy}
 
 
+def _zone(data: dict[str, Any]) -> tuple[ZoneInfo | None, str]:
+    """The site's time zone, from the daemon's or the proxy's status; local time without."""
+    name = (data.get("site") or {}).get("timezone") or (
+        (data.get("proxy") or {}).get("site") or {}
+    ).get("timezone")
+    try:
+        return (ZoneInfo(name), name) if name else (None, "local time")
+    except (ZoneInfoNotFoundError, ValueError):
+        return None, "local time"
+
+
+def _local(iso: str | None, zone: ZoneInfo | None) -> str:
+    """An ISO time from the daemon as ``YYYY-MM-DD HH:MM:SS`` in the site's time zone."""
+    if not iso:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
+    zone, zone_name = _zone(data)
     site = data.get("site", {})
     if "version" in data:
         peak = "[yellow]peak hours[/]" if data.get("peak") else "off-peak"
@@ -149,10 +202,22 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             "[bold]station proxy[/]  guard: "
             + (", ".join(f"{name} {state}" for name, state in guards.items()) or "none")
         )
+    _render_fault(console, data)
     if not data.get("targets"):
         _render_proxy(console, data)
         return
-    table = Table("target", "type", "state", "since", "latency", "loss", "last error")
+    table = Table(
+        "target",
+        "type",
+        "role",
+        "state",
+        "since",
+        "latency",
+        "loss",
+        "last error",
+        caption=f"times in {zone_name}",
+        caption_justify="left",
+    )
     for t in data.get("targets", []):
         last = t.get("last") or {}
         state = t.get("state", "unknown")
@@ -160,24 +225,50 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(
             t.get("name"),
             t.get("type"),
+            t.get("role", "service"),
             f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
-            (t.get("since") or "-")[:19],
+            _local(t.get("since"), zone),
             "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
             "-" if loss is None else f"{loss:.0%}",
             last.get("error") or "",
         )
     console.print(table)
+    for t in data.get("targets", []):
+        if t.get("path"):
+            console.print(path_line(t.get("name", "?"), t["path"]))
     _render_proxy(console, data)
+
+
+def _render_fault(console: Console, data: dict[str, Any]) -> None:
+    site = data.get("site", {})
+    labels = [f"{k} {site[k]}" for k in ("district", "isp", "uplink") if site.get(k)]
+    if labels:
+        console.print("  " + " · ".join(labels))
+    fault = data.get("fault")
+    if not fault:
+        return
+    domain = fault.get("domain", "none")
+    style = "green" if domain == "none" else "bold red"
+    line = f"fault [{style}]{domain}[/] since {(fault.get('since') or '-')[:19]}"
+    if domain != "none":
+        line += f" ({fault.get('reason', '')})"
+    if fault.get("degraded", "none") not in ("none", domain):
+        line += f"  degraded: {fault['degraded']}"
+    console.print(line)
 
 
 def _render_proxy(console: Console, data: dict[str, Any]) -> None:
     proxy = data.get("proxy")
     if proxy:
+        zone, zone_name = _zone(data)
         mode = proxy.get("mode", "?")
         queue = proxy.get("queue") or {}
         waiting = proxy.get("backlog", queue.get("depth", 0))
         console.print(
-            f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')})  "
+            f"proxy [{_MODE_STYLE.get(mode, '')}]{mode}[/] ({proxy.get('reason', '')}) "
+            f"since {_local(proxy.get('since'), zone)} ({zone_name})"
+        )
+        console.print(
             f"queue {waiting} waiting, oldest {queue.get('oldest_age_s', 0):.0f}s, "
             f"{queue.get('dead', 0)} dead"
         )

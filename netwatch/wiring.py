@@ -1,5 +1,6 @@
 """The optional parts of a daemon (station proxy, MQTT bridge or follower, alerts, webhooks)
-and how events flow between them. Only ``daemon.py`` uses this module.
+and how events flow between them. Only ``daemon.py`` uses this module; it sees the daemon
+through the small ``Host`` protocol below, so the two modules do not import each other.
 
 ::
 
@@ -13,22 +14,27 @@ and how events flow between them. Only ``daemon.py`` uses this module.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
 from netwatch import __version__
-from netwatch.alerts import AlertEvent, AlertPolicy, AlertState
-from netwatch.config import Config
-from netwatch.events import LinkChanged, ModeChanged, QueueStats
+from netwatch.alerting.alerts import AlertEvent, AlertPolicy, AlertState
+from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 from netwatch.proxy import mode as machine
 
 if TYPE_CHECKING:
-    from netwatch.daemon import Daemon
-    from netwatch.mqtt import MqttBridge
-    from netwatch.mqtt_follower import MqttModeFollower
-    from netwatch.notify import WebhookNotifier
+    from prometheus_client import CollectorRegistry
+
+    from netwatch.alerting.notify import WebhookNotifier
+    from netwatch.clock import Clock
+    from netwatch.config.schema import Config
+    from netwatch.events import EventHub
+    from netwatch.monitor.schedule import PeakSchedule
+    from netwatch.mqtt.bridge import MqttBridge
+    from netwatch.mqtt.follower import MqttModeFollower
     from netwatch.proxy.station import StationProxy
 
 # The optional parts are imported only when configured (below): a site daemon without a
@@ -40,11 +46,28 @@ log = structlog.get_logger("netwatch.wiring")
 ALERT_TICK = 1.0
 
 
+class Host(Protocol):
+    """What the optional parts need of the daemon that runs them."""
+
+    config: Config
+    role: Literal["site", "proxy"]
+    clock: Clock
+    registry: CollectorRegistry
+    hub: EventHub
+    schedule: PeakSchedule
+
+    def is_peak(self) -> bool: ...
+
+    def link_listener(self, callback: Callable[[LinkChanged], None]) -> None: ...
+
+    def fault_event(self) -> SiteFaultChanged: ...
+
+
 class SiteMode:
     """The site's mode when this daemon runs no proxy of its own: stations that follow the
     site over MQTT switch on it. Every target guards (any target down: offline)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self._daemon = daemon
         self._down: set[str] = set()
         self._state = machine.initial(daemon.clock.now())
@@ -88,7 +111,7 @@ class SiteMode:
 class Extras:
     """Holds whatever optional components the config asks for."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self._daemon = daemon
         config = daemon.config
         site = config.site.id
@@ -102,17 +125,23 @@ class Extras:
             AlertPolicy(hold_down=config.notify.hold_down, timezone=config.site.timezone), site
         )
         if config.notify.webhooks:
-            from netwatch.notify import WebhookNotifier
+            from netwatch.alerting.notify import WebhookNotifier
 
             self.notifier = WebhookNotifier(config.notify.webhooks, daemon.registry)
         if config.mqtt is not None and daemon.role == "site":
-            from netwatch.mqtt import MqttBridge
+            from netwatch.mqtt.bridge import MqttBridge
 
             self.bridge = MqttBridge(
-                config.mqtt, site, __version__, daemon.registry, on_mode_command=self.command
+                config.mqtt,
+                site,
+                __version__,
+                daemon.registry,
+                on_mode_command=self.command,
+                labels={"district": config.site.district, "isp": config.site.isp},
             )
+            self.bridge.publish_fault(daemon.fault_event())
         elif config.mqtt is not None:
-            from netwatch.mqtt_follower import MqttModeFollower
+            from netwatch.mqtt.follower import MqttModeFollower
 
             self.follower = MqttModeFollower(
                 config.mqtt,
@@ -140,6 +169,8 @@ class Extras:
                     daemon.is_peak,
                     key,
                     clock=daemon.clock,
+                    site_name=daemon.config.site.name,
+                    timezone=daemon.config.site.timezone,
                 )
             )
         elif daemon.role == "site":
@@ -226,6 +257,9 @@ class Extras:
             elif isinstance(event, ModeChanged):
                 if self.bridge is not None:
                     self.bridge.publish_mode(event)
+            elif isinstance(event, SiteFaultChanged):
+                if self.bridge is not None:
+                    self.bridge.publish_fault(event)
             elif isinstance(event, QueueStats):
                 if self.bridge is not None:
                     self.bridge.publish_queue(event)

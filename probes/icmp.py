@@ -36,10 +36,26 @@ _ECHO_REPLY = {4: 0, 6: 129}
 _UNREACHABLE = {4: 3, 6: 1}
 
 PERMISSION_HINT = (
-    "ICMP sockets are not permitted for this process: run netwatch as root, grant it "
-    "CAP_NET_RAW (setcap cap_net_raw+ep), allow unprivileged ping "
-    "(sysctl net.ipv4.ping_group_range), or set the target's privileged/fallback_tcp_port"
+    "ICMP sockets are not permitted for this process: give it CAP_NET_RAW as an ambient "
+    "capability (systemd unit: AmbientCapabilities=CAP_NET_RAW, as deploy/netwatch.service "
+    "does; a file capability on a Python script has no effect), or let its group use "
+    "unprivileged ping (sysctl net.ipv4.ping_group_range), or set the target's "
+    "privileged: no / fallback_tcp_port"
 )
+_CAP_NET_RAW = 13
+
+
+def has_net_raw() -> bool:
+    """Whether this process may open raw sockets: ``CAP_NET_RAW`` in its effective set
+    (root has it; a non-root service gets it from the unit's ``AmbientCapabilities``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_RAW & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
 
 
 class IcmpProbe:
@@ -78,7 +94,7 @@ class IcmpProbe:
 
     def _use_raw_socket(self) -> bool:
         if self.privileged == "auto":
-            return os.geteuid() == 0
+            return has_net_raw()
         return self.privileged == "yes"
 
     async def run(self, timeout: float) -> ProbeResult:

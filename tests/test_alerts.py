@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netwatch.alerts import AlertEvent, AlertPolicy, AlertState
+from netwatch.alerting.alerts import AlertEvent, AlertPolicy, AlertState
 from netwatch.events import LinkChanged, QueueStats
 
 T0 = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)  # 08:00 in Ho Chi Minh City

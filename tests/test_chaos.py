@@ -31,7 +31,7 @@ from helpers.daemon import eventually, free_tcp_port
 from helpers.relay import FaultRelay, RelayMode
 from helpers.stations import ProxyProcess, Sent, Station, proxy_config
 
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 
 SEED = int(os.environ.get("NETWATCH_CHAOS_SEED", "20240607"))
 STATIONS = 4

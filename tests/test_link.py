@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netwatch.config import Link
-from netwatch.link import (
+from netwatch.config.schema import Link
+from netwatch.monitor.link import (
     TRANSITIONS,
     Effect,
     LinkStatus,

@@ -8,8 +8,8 @@ import asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netwatch.exposition import escape, render, value
-from netwatch.metrics import MonitorMetrics, OutageTotals, TimeCollector
+from netwatch.monitor.exposition import escape, render, value
+from netwatch.monitor.metrics import MonitorMetrics, OutageTotals, TimeCollector
 from probes import ProbeResult
 
 

@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from netwatch.clock import SystemClock
-from netwatch.config import Config
+from netwatch.config.schema import Config
 from netwatch.events import LinkChanged
-from netwatch.metrics import MonitorMetrics
-from netwatch.monitor import Monitor
-from netwatch.schedule import PeakSchedule
+from netwatch.monitor.metrics import MonitorMetrics
+from netwatch.monitor.runner import Monitor
+from netwatch.monitor.schedule import PeakSchedule
 
 
 @pytest.fixture

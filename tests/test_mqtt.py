@@ -20,11 +20,11 @@ import trustme
 from helpers.mosquitto import Broker, BrokerTls, run_mosquitto
 from prometheus_client import CollectorRegistry
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Mqtt
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.config.schema import Mqtt
 from netwatch.events import LinkChanged, ModeChanged, QueueStats
-from netwatch.mqtt import MqttBridge, client_options
-from netwatch.mqtt_follower import MqttModeFollower
+from netwatch.mqtt.bridge import MqttBridge, client_options
+from netwatch.mqtt.follower import MqttModeFollower
 
 PREFIX = "nw/v1"
 SITE = "q1-ben-nghe"
@@ -190,6 +190,11 @@ async def test_last_will_marks_the_site_offline_when_the_bridge_is_sigkilled(
             "version": "test",
             "since": online["since"],
             "reason": "connection lost",
+            # City view: offline, the site cannot tell where its fault is.
+            "fault": None,
+            "fault_since": None,
+            "district": "",
+            "isp": "",
         }
         async with subscriber(broker, f"{P}/status") as fresh:  # and it is retained
             got = await receive(fresh, bool)

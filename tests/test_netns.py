@@ -49,7 +49,7 @@ async def get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 async def sim_url(netns: NetNs, tmp_path: Path) -> str:
     """The simulator inside the namespace, reachable from the root namespace over the veth
     (``NetNs.close`` kills it with the namespace)."""
-    argv = [sys.executable, "-m", "netwatch.simulator", "--host", netns.ns_addr]
+    argv = [sys.executable, "-m", "netwatch.demo.simulator", "--host", netns.ns_addr]
     argv += ["--port", str(SIM_PORT), "--latency-ms", "0", "--jitter-ms", "0"]
     proc = netns.popen(argv, tmp_path / "sim.log")
     url = f"http://{netns.ns_addr}:{SIM_PORT}"

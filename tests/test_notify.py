@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Webhook
-from netwatch.notify import WebhookNotifier
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.alerting.notify import WebhookNotifier
+from netwatch.config.schema import Webhook
 
 SITE = "q1"
 

@@ -19,11 +19,11 @@ from helpers.servers import free_port, run_http_server, wait_until
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
+from netwatch.demo.simulator import PopulationSimulator, SimulatorSettings
 from netwatch.errors import QueueKeyError
 from netwatch.events import Event, EventHub, ModeChanged
 from netwatch.proxy.station import StationProxy
-from netwatch.simulator import PopulationSimulator, SimulatorSettings
 
 
 def make_settings(tmp_path: Path, upstream: str, **overrides: Any) -> Proxy:

@@ -15,7 +15,7 @@ from helpers.daemon import DaemonProcess, eventually, free_tcp_port, write_confi
 from helpers.relay import FaultRelay
 from helpers.stations import proxy_config
 
-from netwatch.simulator import PopulationSimulator
+from netwatch.demo.simulator import PopulationSimulator
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from netwatch.proxy.crypto import generate_key_file, load_key
 from netwatch.proxy.queue import DurableQueue, NewEntry
-from netwatch.queue_cmd import queue
+from netwatch.proxy.queue_cmd import queue
 
 T0 = 1_800_000_000.0
 BODY = b'{"citizen": "NGUYEN VAN A", "id": "001099012345"}'
@@ -118,11 +118,11 @@ def test_retry_needs_exactly_a_ticket_or_all_dead(filled: Filled) -> None:
 def test_purge_asks_first_and_a_no_keeps_everything(filled: Filled) -> None:
     refused = run("purge", "--dead", "--queue", str(filled.path), stdin="n\n")
     assert refused.exit_code == 1
-    assert "Delete 1 dead letters for good?" in refused.output
+    assert "Delete 1 dead letter for good?" in refused.output
     kept = run("list", "--queue", str(filled.path), "--state", "dead", "--json")
     assert len(json.loads(kept.output)) == 1
     done = run("purge", "--dead", "--yes", "--queue", str(filled.path))
-    assert (done.exit_code, done.output) == (0, "purged 1 dead letters\n")
+    assert (done.exit_code, done.output) == (0, "purged 1 dead letter\n")
     assert run("purge", "--dead", "--yes", "--queue", str(filled.path)).output == (
         "no dead letters\n"
     )
@@ -142,7 +142,7 @@ def test_export_dead_writes_json_lines_with_base64_bodies(filled: Filled) -> Non
 def test_missing_queue_is_an_error_and_is_not_created(tmp_path: Path) -> None:
     missing = tmp_path / "typo.db"
     result = run("list", "--queue", str(missing))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a missing file is exit 2 everywhere, as for a config
     assert "no queue file there" in result.stderr
     assert not missing.exists()
 

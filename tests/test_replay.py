@@ -15,7 +15,7 @@ import pytest
 from helpers.servers import wait_until
 
 from netwatch.clock import SystemClock
-from netwatch.config import Replay
+from netwatch.config.schema import Replay
 from netwatch.proxy.forward import Reply, UpstreamFailure
 from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
 from netwatch.proxy.replay import (

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netwatch.config import PeakWindow, parse_config
-from netwatch.schedule import PeakSchedule
+from netwatch.config.schema import PeakWindow, parse_config
+from netwatch.monitor.schedule import PeakSchedule
 
 HCM = "Asia/Ho_Chi_Minh"  # UTC+7 all year, no DST
 NEW_YORK = "America/New_York"

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from helpers.servers import free_port, wait_for_port
 
-from netwatch.simulator import (
+from netwatch.demo.simulator import (
     DayClock,
     PopulationSimulator,
     SimulatorSettings,
@@ -318,7 +318,15 @@ def test_outage_plan_is_seeded_and_clustered_at_peak_hours() -> None:
 async def test_module_runs_as_a_script() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "netwatch.simulator", "--port", str(port), "--latency-ms", "0"),
+        *(
+            sys.executable,
+            "-m",
+            "netwatch.demo.simulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            "0",
+        ),
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -332,3 +340,84 @@ async def test_module_runs_as_a_script() -> None:
         proc.terminate()
         stdout, _ = await proc.communicate()
     assert f"http://127.0.0.1:{port}" in stdout.decode()
+
+
+async def test_every_receipt_is_counted_even_when_the_key_hides_it_from_applied(
+    sim: PopulationSimulator, http: aiohttp.ClientSession
+) -> None:
+    for _ in range(3):
+        status, _, _ = await post(http, sim, {"citizen_id": "1"}, Idempotency_Key="k-1")
+        assert status == 201
+    await post(http, sim, {"citizen_id": "2"}, Idempotency_Key="k-2")
+    assert len(sim.applied) == 2
+    assert sim.receipt_counts() == {"k-1": 3, "k-2": 1}
+    assert sim.received_more_than_once() == {"k-1": 3}
+    assert len(sim.received_more_than_once(by="body")) == 1
+    async with http.get(f"{sim.url}/_sim/receipts") as resp:
+        assert [r["idempotency_key"] for r in await resp.json()] == ["k-1"] * 3 + ["k-2"]
+
+
+async def test_faults_before_the_api_are_not_receipts(
+    sim: PopulationSimulator, http: aiohttp.ClientSession
+) -> None:
+    sim.set_outage(True)
+    status, _, _ = await post(http, sim, {"citizen_id": "1"}, Idempotency_Key="k-1")
+    assert status == 503
+    assert sim.receipts == []
+
+
+async def test_naive_upstream_applies_a_repeated_key_again(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with PopulationSimulator(SimulatorSettings(naive=True)) as naive:
+        await post(http, naive, {"citizen_id": "1"}, Idempotency_Key="k-1")
+        status, _, resp = await post(http, naive, {"citizen_id": "1"}, Idempotency_Key="k-1")
+        assert status == 201
+        assert "Idempotent-Replayed" not in resp.headers
+        assert len(naive.applied) == 2
+        assert naive.stats.duplicate_applies == 1
+        naive.control(naive=False)
+        status, _, resp = await post(http, naive, {"citizen_id": "1"}, Idempotency_Key="k-1")
+        assert resp.headers["Idempotent-Replayed"] == "true"
+        assert len(naive.applied) == 2
+
+
+async def test_lookup_by_application_number_and_by_key(
+    sim: PopulationSimulator, http: aiohttp.ClientSession
+) -> None:
+    await post(http, sim, {"citizen_id": "1", "application_no": "HS-7"}, Idempotency_Key="k-7")
+    async with http.get(f"{sim.url}/api/applications/HS-7") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["data"]["application_no"] == "HS-7"
+    async with http.get(f"{sim.url}/api/applications/HS-8") as resp:
+        assert resp.status == 404
+    async with http.get(f"{sim.url}/api/applications/by-key/k-7") as resp:
+        assert resp.status == 200
+    async with http.get(f"{sim.url}/api/applications/by-key/k-8") as resp:
+        assert resp.status == 404
+
+
+async def test_apply_then_drop_applies_but_never_answers(
+    sim: PopulationSimulator, http: aiohttp.ClientSession
+) -> None:
+    sim.control(after_apply="drop", after_apply_next=1)
+    with pytest.raises(aiohttp.ClientError):
+        await post(http, sim, {"citizen_id": "1"}, Idempotency_Key="k-1")
+    assert len(sim.applied) == 1
+    status, _, _ = await post(http, sim, {"citizen_id": "2"}, Idempotency_Key="k-2")
+    assert status == 201
+
+
+async def test_apply_then_stall_applies_before_the_answer_is_late(
+    sim: PopulationSimulator, http: aiohttp.ClientSession
+) -> None:
+    sim.control(after_apply="stall", after_apply_next=1, stall_s=30.0)
+    with pytest.raises(asyncio.TimeoutError):
+        async with asyncio.timeout(0.5):
+            await post(http, sim, {"citizen_id": "1"}, Idempotency_Key="k-1")
+    assert len(sim.applied) == 1
+
+
+async def test_bad_after_apply_control_is_refused(sim: PopulationSimulator) -> None:
+    with pytest.raises(ValueError, match="after_apply"):
+        sim.control(after_apply="explode")

@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidTag
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from netwatch.errors import QueueKeyError
+from netwatch.errors import KeyFileMissingError, QueueKeyError
 
 KEY_SIZE = 32
 _NONCE_SIZE = 12
@@ -60,7 +60,7 @@ def load_key(path: str | Path) -> bytes:
         data = p.read_bytes()
         mode = p.stat().st_mode
     except FileNotFoundError:
-        raise QueueKeyError(
+        raise KeyFileMissingError(
             f"{p}: key file not found (create one with `netwatch queue keygen {p}`)"
         ) from None
     except OSError as exc:

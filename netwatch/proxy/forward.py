@@ -27,7 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from netwatch.config import Proxy, Replayable
+from netwatch.config.schema import Proxy, Replayable
 from netwatch.proxy.queue import Entry
 
 HOP_BY_HOP = frozenset(

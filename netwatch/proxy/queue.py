@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from netwatch.errors import QueueError, QueueFullError, QueueKeyError
+from netwatch.errors import QueueError, QueueFileMissingError, QueueFullError, QueueKeyError
 from netwatch.proxy.crypto import Sealer
 from netwatch.proxy.queue_writer import (
     GroupWriter,
@@ -189,7 +189,7 @@ class DurableQueue:
 
     def _open_files(self) -> None:
         if not self._create and not self.path.exists():
-            raise QueueError(f"{self.path}: no queue file there")
+            raise QueueFileMissingError(f"{self.path}: no queue file there")
         wconn = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +403,17 @@ class DurableQueue:
                 dead=dead,
                 accounted_bytes=used,
             )
+
+        return await self._read(run)
+
+    async def last_delivered_at(self) -> float | None:
+        """When the most recently delivered entry was delivered (None: none kept)."""
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MAX(delivered_at) FROM entries WHERE state = 'delivered'"
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
 
         return await self._read(run)
 

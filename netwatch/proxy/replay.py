@@ -26,7 +26,7 @@ from typing import Literal
 import structlog
 
 from netwatch.clock import Clock
-from netwatch.config import Replay
+from netwatch.config.schema import Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.forward import Reply, UpstreamFailure
 from netwatch.proxy.queue import DurableQueue, Entry

@@ -28,9 +28,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from netwatch.api import metrics_handler
-from netwatch.config import Proxy
+from netwatch.auth import require_token
+from netwatch.config.schema import Proxy
 from netwatch.errors import QueueError, QueueFullError
+from netwatch.monitor.api import metrics_handler
 from netwatch.proxy.forward import (
     UPSTREAM_DOWN_STATUSES,
     BodyTooLarge,
@@ -45,6 +46,7 @@ from netwatch.proxy.forward import (
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import Mode
 from netwatch.proxy.queue import Entry, NewEntry
+from netwatch.proxy.staff_page import public_status, staff_page
 
 log = structlog.get_logger("netwatch.proxy.server")
 
@@ -140,12 +142,20 @@ class ProxyServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_contain_errors])
+        token = self.settings.admin_token
         app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
-        app.router.add_get("/_netwatch/status", self._status)
+        app.router.add_get("/_netwatch/status", require_token(token, self._status))
         app.router.add_get("/_netwatch/healthz", self._healthz)
         if self._registry is not None:
             # A stand-alone `netwatch proxy` has no daemon endpoint: its metrics live here.
-            app.router.add_get("/_netwatch/metrics", metrics_handler(self._registry))
+            app.router.add_get(
+                "/_netwatch/metrics", require_token(token, metrics_handler(self._registry))
+            )
+        # The counter staff's page: with an admin token it reads the public subset.
+        data_url = "/_netwatch/public" if token else "/_netwatch/status"
+        app.router.add_get("/_netwatch/", staff_page(data_url))
+        app.router.add_get("/_netwatch", self._to_page)
+        app.router.add_get("/_netwatch/public", self._public)
         app.router.add_route("*", "/{tail:.*}", self._proxy)
         return app
 
@@ -169,6 +179,13 @@ class ProxyServer:
 
     async def _status(self, _request: web.Request) -> web.Response:
         return web.json_response(self._core.status())
+
+    async def _public(self, _request: web.Request) -> web.Response:
+        return web.json_response(public_status(self._core.status()))
+
+    async def _to_page(self, request: web.Request) -> web.Response:
+        query = request.rel_url.raw_query_string
+        raise web.HTTPFound("/_netwatch/" + (f"?{query}" if query else ""))
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         if await self._core.healthy():

@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, SystemClock
-from netwatch.config import Proxy
+from netwatch.config.schema import Proxy
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
 from netwatch.proxy.forward import Forwarder
@@ -93,9 +93,13 @@ class StationProxy:
         *,
         clock: Clock | None = None,
         replay_concurrency: int = 32,
+        site_name: str = "",
+        timezone: str = "Asia/Ho_Chi_Minh",
     ) -> None:
         self.settings = settings
         self.site_id = site_id
+        self._site = {"id": site_id, "name": site_name, "timezone": timezone}
+        self._last_delivered: float | None = None
         self.hub = hub
         self.metrics = ProxyMetrics(registry, site_id)
         self._registry = registry
@@ -133,6 +137,7 @@ class StationProxy:
             now = self._clock.now()
             self._stats = await self._queue.stats(now=now.timestamp())
             self._depth = self._stats.depth
+            self._last_delivered = await self._queue.last_delivered_at()
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
             self._state = machine.initial(now, depth=self._depth)
@@ -288,6 +293,8 @@ class StationProxy:
     def _replayed(self, entry: Entry, outcome: Outcome, now: float) -> None:
         lag = now - entry.queued_at if outcome == "delivered" else None
         self.metrics.replayed(outcome, lag)
+        if outcome == "delivered":
+            self._last_delivered = now
         if outcome != "retried":
             self._depth = max(0, self._depth - 1)
             self._backlog()
@@ -368,4 +375,7 @@ class StationProxy:
                 "rate_per_s": self._replayer.rate() if self._replayer else None,
             },
             "checked_at": iso(self._clock.now().timestamp()),
+            "site": self._site,
+            # The last replayed entry delivered (forwards online are not entries).
+            "last_delivered_at": iso(self._last_delivered),
         }

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
-from netwatch.config import Mqtt
+from netwatch.config.schema import Mqtt
 from netwatch.events import LinkChanged
-from netwatch.mqtt import MqttBridge
+from netwatch.mqtt.bridge import MqttBridge
 
 
 async def main(url: str, prefix: str, site: str) -> None:

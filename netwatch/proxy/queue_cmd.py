@@ -21,10 +21,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from netwatch.config import load_config
+from netwatch.config.schema import load_config
 from netwatch.errors import NetwatchError, UsageError
 from netwatch.proxy.crypto import generate_key_file, load_key
 from netwatch.proxy.queue import DurableQueue, Entry, EntryState
+from netwatch.words import plural
 
 _PREVIEW_BYTES = 64
 _EXPORT_PAGE = 500
@@ -142,7 +143,7 @@ async def list_entries(
     if not console.is_terminal:
         console.width = 200  # a pipe gets whole lines, not a table squeezed to 80 columns
     console.print(table)
-    console.print(f"{len(entries)} entries shown")
+    console.print(f"{plural(len(entries), 'entry', 'entries')} shown")
 
 
 @queue.command("show")
@@ -186,7 +187,7 @@ async def retry(q: DurableQueue, ticket: str | None, all_dead: bool) -> None:
         if entry is None:
             raise NetwatchError(f"no ticket {ticket} in {q.path}")
         raise NetwatchError(f"ticket {ticket} is {entry.state}, not a dead letter")
-    click.echo(f"requeued {count} {'entry' if count == 1 else 'entries'}")
+    click.echo(f"requeued {plural(count, 'entry', 'entries')}")
 
 
 @queue.command("purge")
@@ -204,10 +205,11 @@ async def purge(q: DurableQueue, dead: bool, yes: bool) -> None:
     if not yes:
         # A blocking prompt in the event loop is fine: nothing else runs in this process.
         click.confirm(
-            f"Delete {count} dead letters for good? (`netwatch queue export --dead` saves them)",
+            f"Delete {plural(count, 'dead letter')} for good? "
+            "(`netwatch queue export --dead` saves them)",
             abort=True,
         )
-    click.echo(f"purged {await q.purge_dead()} dead letters")
+    click.echo(f"purged {plural(await q.purge_dead(), 'dead letter')}")
 
 
 @queue.command("export")

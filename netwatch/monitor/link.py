@@ -29,7 +29,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from netwatch.config import Link
+    from netwatch.config.schema import Link
 
 
 class State(StrEnum):

@@ -23,11 +23,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from netwatch.config import Config
+from netwatch.config.schema import Config
 from netwatch.daemon import Daemon
-from netwatch.demo_stations import StationFleet
+from netwatch.demo.simulator import (
+    DayClock,
+    PopulationSimulator,
+    SimulatorSettings,
+    default_outage_plan,
+)
+from netwatch.demo.stations import StationFleet
 from netwatch.events import LinkChanged
-from netwatch.simulator import DayClock, PopulationSimulator, SimulatorSettings, default_outage_plan
+from netwatch.words import plural
 
 TIMEZONE = "Asia/Ho_Chi_Minh"
 START_HOUR = 6.0
@@ -171,7 +177,9 @@ def _view(
 ) -> Table:
     now = day.time_at(day.elapsed())
     peak = daemon.is_peak()
-    title = f"netwatch demo  {now:%H:%M} simulated  {'PEAK HOURS' if peak else 'off-peak'}"
+    title = (
+        f"netwatch demo  {now:%H:%M} simulated ({TIMEZONE})  {'PEAK HOURS' if peak else 'off-peak'}"
+    )
     table = Table(title=title, title_justify="left")
     table.add_column("what")
     table.add_column("state")
@@ -188,7 +196,7 @@ def _view(
         c = fleet.counts
         table.add_row(
             "stations",
-            f"sent {c['sent']}  forwarded {c['forwarded']}  queued {c['queued']}  "
+            f"sent {c['sent']}  forwarded {c['forwarded']}  queued so far {c['queued']}  "
             f"refused {c['refused']}",
         )
     return table
@@ -224,13 +232,15 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
             daemon.link_listener(timeline)
             console.print(
                 f"[bold]netwatch demo[/]: {options.duration:.0f}s, one simulated hour every "
-                f"{options.seconds_per_hour:g}s, {len(plan)} outages planned\n"
+                f"{options.seconds_per_hour:g}s, {plural(len(plan), 'outage')} planned\n"
+                f"  times below are simulated, in the site's time zone ({TIMEZONE})\n"
                 f"  population-database simulator  {sim.url}\n"
                 f"  metrics                         http://127.0.0.1:{metrics_port}/metrics\n"
                 f"  status                          netwatch status --url "
                 f"http://127.0.0.1:{metrics_port}"
                 + (
                     f"\n  station proxy                   http://127.0.0.1:{proxy_port}"
+                    f"\n  counter staff page              http://127.0.0.1:{proxy_port}/_netwatch/"
                     if proxy_port
                     else ""
                 )
@@ -304,8 +314,9 @@ async def _show(
             clock = day.time_at(day.elapsed())
             line = f"[{clock:%H:%M}{' peak' if daemon.is_peak() else ''}] {states}"
             if fleet is not None:
-                c = fleet.counts
-                line += f" stations sent={c['sent']} queued={c['queued']}"
+                # The backlog waiting now, not everything ever queued.
+                waiting = (daemon.extras.status().get("proxy") or {}).get("backlog", 0)
+                line += f" stations sent={fleet.counts['sent']} waiting={waiting}"
             console.print(line)
             sys.stdout.flush()
 
@@ -333,10 +344,14 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
     console.print(f"  availability of {GUARD}: {s.availability:.1%}")
     if s.stations:
         st = s.stations
+        # One short line per idea: a terminal (or a log at 80 columns) never cuts one.
+        console.print(f"  station requests sent {st['sent']}")
         console.print(
-            f"  station requests: sent {st['sent']}, forwarded {st['forwarded']}, "
-            f"queued {st['queued']}, replayed {st['replayed']}, dead {st['dead']}, "
-            f"rejected by the database {st['rejected']}, refused {st['refused']}, "
+            f"    forwarded {st['forwarded']}, queued {st['queued']}, "
+            f"rejected by the database {st['rejected']}, refused {st['refused']}"
+        )
+        console.print(
+            f"    of the queued: replayed {st['replayed']}, dead {st['dead']}, "
             f"[bold]lost {st['lost']}[/]"
         )
     console.print("  [green]ok[/]" if s.ok else "  [bold red]requests were lost[/]")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from netwatch.events import LinkChanged, QueueStats
+from netwatch.words import plural
 
 AlertName = Literal["LinkDown", "LinkDegraded", "QueueBacklog", "DeadLetters"]
 Status = Literal["firing", "resolved"]
@@ -235,11 +236,13 @@ def _summaries(
     if alert == "QueueBacklog":
         age = _duration(d["oldest_age_s"])
         return (
-            f"[{site}] {d['depth']} station requests queued, oldest waiting {age}{peak_en}",
+            f"[{site}] {plural(d['depth'], 'station request')} queued, oldest waiting "
+            f"{age}{peak_en}",
             f"[{site}] {d['depth']} yêu cầu đang chờ trong hàng đợi, lâu nhất {age}{peak_vi}",
         )
     return (
-        f"[{site}] {d['dead']} queued requests failed for good (dead letters) since {at}: "
+        f"[{site}] {plural(d['dead'], 'queued request')} failed for good (dead letters) "
+        f"since {at}: "
         "run `netwatch queue list`",
         f"[{site}] {d['dead']} yêu cầu không thể gửi lên hệ thống từ {at}: "
         "cần kiểm tra bằng `netwatch queue list`",

@@ -24,8 +24,8 @@ import stamina
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from netwatch.alerts import AlertEvent
-from netwatch.config import Webhook
+from netwatch.alerting.alerts import AlertEvent
+from netwatch.config.schema import Webhook
 
 log = structlog.get_logger(__name__)
 

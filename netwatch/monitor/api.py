@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from netwatch.exposition import FastCollector, render
+from netwatch.auth import require_token
+from netwatch.monitor.exposition import FastCollector, render
 
 StatusProvider = Callable[[], dict[str, Any]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -27,8 +28,15 @@ def metrics_handler(registry: CollectorRegistry, fast: Sequence[FastCollector] =
 
 
 def build_app(
-    registry: CollectorRegistry, status: StatusProvider, fast: Sequence[FastCollector] = ()
+    registry: CollectorRegistry,
+    status: StatusProvider,
+    fast: Sequence[FastCollector] = (),
+    *,
+    token: str | None = None,
 ) -> web.Application:
+    """``/metrics`` and ``/api/v1/status`` need ``token`` when one is set; ``/healthz``
+    stays open for container and load-balancer health checks (it says nothing)."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
@@ -36,9 +44,9 @@ def build_app(
         return web.json_response(status())
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics_handler(registry, fast))
+    app.router.add_get("/metrics", require_token(token, metrics_handler(registry, fast)))
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/api/v1/status", api_status)
+    app.router.add_get("/api/v1/status", require_token(token, api_status))
     return app
 
 

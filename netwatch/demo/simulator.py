@@ -7,6 +7,14 @@ Writes are applied once per ``Idempotency-Key``; a repeated key gets the origina
 with ``Idempotent-Replayed: true``. ``GET /_sim/applied`` lists every applied write in
 apply order so tests can prove "each request applied exactly once, in order".
 
+Every write that reaches the API (past the injected faults) is also a *receipt*
+(``GET /_sim/receipts``, ``receipt_counts()``): a replay that sends an entry twice shows up
+there even when the idempotency record hides it from ``applied``. ``naive=True`` (or the
+control key ``naive``) models an upstream that ignores ``Idempotency-Key`` and applies every
+receipt; ``GET /api/applications/{application_no}`` and ``/api/applications/by-key/{key}``
+let a client look up whether a write was applied. ``after_apply`` faults apply a write and
+then drop the connection or stall before answering: the in-doubt cases.
+
 Network faults below HTTP (refused connections, black holes, cut streams) are not the
 simulator's job: the tests put a fault relay between the proxy and the simulator.
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -33,11 +42,13 @@ from typing import Any, Literal, Self, cast
 from aiohttp import web
 
 OutageKind = Literal["http503", "reset"]
+AfterApply = Literal["drop", "stall"]
 OutageWindow = tuple[float, float]
 OutageSchedule = Sequence[OutageWindow] | Callable[[float], bool]
 Validator = Callable[[Mapping[str, Any]], str | None]
 
 OUTAGE_KINDS: tuple[OutageKind, ...] = ("http503", "reset")
+AFTER_APPLY: tuple[AfterApply, ...] = ("drop", "stall")
 PEAK_WINDOWS: tuple[tuple[float, float], ...] = ((7.5, 11.5), (13.5, 16.5))
 
 
@@ -61,6 +72,7 @@ class SimulatorSettings:
     outage_kind: OutageKind = "http503"
     validate: Validator = reject_flagged
     seed: int | None = None
+    naive: bool = False
 
 
 @dataclass(slots=True)
@@ -68,7 +80,9 @@ class SimulatorStats:
     """Counters of what the simulator did; ``GET /_sim/stats`` serves them."""
 
     requests: int = 0
+    receipts: int = 0
     applied: int = 0
+    duplicate_applies: int = 0
     replayed: int = 0
     rejected: int = 0
     injected_errors: int = 0
@@ -88,6 +102,10 @@ class _Control:
     forced_outage: bool | None = None
     reject_next: int = 0
     reject_status: int = 503
+    naive: bool = False
+    after_apply: AfterApply | None = None
+    after_apply_next: int = 0
+    stall_s: float = 5.0
 
 
 def _json(
@@ -130,8 +148,12 @@ class PopulationSimulator:
             jitter_ms=self.settings.jitter_ms,
             error_rate=self.settings.error_rate,
             outage_kind=self.settings.outage_kind,
+            naive=self.settings.naive,
         )
         self._applied: list[dict[str, Any]] = []
+        self._receipts: list[dict[str, Any]] = []
+        self._applied_keys: set[str] = set()
+        self._by_no: dict[str, str] = {}
         self._applications: dict[str, dict[str, Any]] = {}
         self._responses: dict[str, tuple[int, dict[str, Any]]] = {}
         self._runner: web.AppRunner | None = None
@@ -175,6 +197,25 @@ class PopulationSimulator:
         """Applied writes in apply order (a copy)."""
         return list(self._applied)
 
+    @property
+    def receipts(self) -> list[dict[str, Any]]:
+        """Every write that reached the API, in arrival order (a copy)."""
+        return list(self._receipts)
+
+    def receipt_counts(self, by: Literal["key", "body"] = "key") -> dict[str, int]:
+        """How many times each idempotency key (or body digest) was received."""
+        field = "idempotency_key" if by == "key" else "body_sha256"
+        counts: dict[str, int] = {}
+        for receipt in self._receipts:
+            name = receipt[field]
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def received_more_than_once(self, by: Literal["key", "body"] = "key") -> dict[str, int]:
+        """The keys (or bodies) received twice or more, with their counts."""
+        return {name: n for name, n in self.receipt_counts(by).items() if n > 1}
+
     def elapsed(self) -> float:
         return self._clock() - self._started_at
 
@@ -203,7 +244,9 @@ class PopulationSimulator:
 
         Keys: ``outage`` (True/False, or None to follow the schedule), ``outage_kind``,
         ``latency_ms``, ``jitter_ms``, ``error_rate``, ``reject_next`` (answer the next N API
-        requests with ``reject_status``, default 503). A bad key or value raises ValueError.
+        requests with ``reject_status``, default 503), ``naive`` (ignore ``Idempotency-Key``),
+        ``after_apply`` (``"drop"``, ``"stall"`` or None) for the next ``after_apply_next``
+        writes, ``stall_s``. A bad key or value raises ValueError.
         """
         for key, value in changes.items():
             if key == "outage" and (value is None or isinstance(value, bool)):
@@ -214,8 +257,18 @@ class PopulationSimulator:
                 setattr(self._control, key, float(value))
             elif key == "error_rate" and _is_number(value) and 0 <= value <= 1:
                 self._control.error_rate = float(value)
-            elif key in {"reject_next", "reject_status"} and isinstance(value, int) and value >= 0:
+            elif (
+                key in {"reject_next", "reject_status", "after_apply_next"}
+                and isinstance(value, int)
+                and value >= 0
+            ):
                 setattr(self._control, key, value)
+            elif key == "naive" and isinstance(value, bool):
+                self._control.naive = value
+            elif key == "after_apply" and (value is None or value in AFTER_APPLY):
+                self._control.after_apply = value
+            elif key == "stall_s" and _is_number(value) and value >= 0:
+                self._control.stall_s = float(value)
             else:
                 raise ValueError(f"bad control value {key}={value!r}")
         return self.control_state()
@@ -227,9 +280,11 @@ class PopulationSimulator:
         app.router.add_get("/health", self._health)
         app.router.add_post("/api/applications", self._create)
         app.router.add_put("/api/applications/{id}", self._update)
+        app.router.add_get("/api/applications/by-key/{key}", self._lookup_by_key)
         app.router.add_get("/api/applications/{id}", self._read_application)
         app.router.add_get("/api/citizens/{id}", self._read_citizen)
         app.router.add_get("/_sim/applied", self._sim_applied)
+        app.router.add_get("/_sim/receipts", self._sim_receipts)
         app.router.add_get("/_sim/stats", self._sim_stats)
         app.router.add_post("/_sim/control", self._sim_control)
         return app
@@ -266,14 +321,50 @@ class PopulationSimulator:
         return _json({"status": "ok"})
 
     async def _create(self, request: web.Request) -> web.Response:
-        return self._write(request, await _json_body(request), None)
+        return await self._after_apply(request, await self._receive(request, None))
 
     async def _update(self, request: web.Request) -> web.Response:
-        return self._write(request, await _json_body(request), request.match_info["id"])
+        return await self._after_apply(
+            request, await self._receive(request, request.match_info["id"])
+        )
+
+    async def _receive(self, request: web.Request, app_id: str | None) -> web.Response:
+        raw = await request.read()
+        body = _json_object(raw)
+        self.stats.receipts += 1
+        self._receipts.append(
+            {
+                "idempotency_key": request.headers.get("Idempotency-Key"),
+                "body_sha256": hashlib.sha256(raw).hexdigest(),
+                "method": request.method,
+                "path": request.path,
+                "order_key": request.headers.get("Netwatch-Order-Key"),
+                "elapsed_s": round(self.elapsed(), 6),
+            }
+        )
+        return self._write(request, body, app_id)
+
+    async def _after_apply(self, request: web.Request, response: web.Response) -> web.Response:
+        control = self._control
+        if control.after_apply is None or control.after_apply_next <= 0:
+            return response
+        control.after_apply_next -= 1
+        if control.after_apply == "drop":
+            _reset_connection(request)
+        else:
+            await asyncio.sleep(control.stall_s)
+        return response
 
     async def _read_application(self, request: web.Request) -> web.Response:
-        record = self._applications.get(request.match_info["id"])
+        wanted = request.match_info["id"]
+        record = self._applications.get(self._by_no.get(wanted, wanted))
         return _json(record) if record else _json({"error": "not_found"}, 404)
+
+    async def _lookup_by_key(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if key in self._applied_keys:
+            return _json({"idempotency_key": key, "applied": True})
+        return _json({"error": "not_found"}, 404)
 
     async def _read_citizen(self, request: web.Request) -> web.Response:
         citizen_id = request.match_info["id"]
@@ -284,6 +375,9 @@ class PopulationSimulator:
 
     async def _sim_applied(self, _request: web.Request) -> web.Response:
         return _json(self._applied)
+
+    async def _sim_receipts(self, _request: web.Request) -> web.Response:
+        return _json(self._receipts)
 
     async def _sim_stats(self, _request: web.Request) -> web.Response:
         return _json({**self.stats.as_dict(), **self.control_state()})
@@ -299,7 +393,7 @@ class PopulationSimulator:
     ) -> web.Response:
         # No await from here on: check-then-apply is atomic on the event loop.
         key = request.headers.get("Idempotency-Key")
-        if key is not None and key in self._responses:
+        if key is not None and key in self._responses and not self._control.naive:
             self.stats.replayed += 1
             status, payload = self._responses[key]
             return _json(payload, status, headers={"Idempotent-Replayed": "true"})
@@ -318,9 +412,14 @@ class PopulationSimulator:
         if app_id is not None and app_id not in self._applications:
             return 404, {"error": "not_found", "id": app_id}
         seq = len(self._applied) + 1
+        if key is not None and key in self._applied_keys:
+            self.stats.duplicate_applies += 1
         if app_id is None:
             app_id = f"APP-{len(self._applications) + 1:06d}"
             self._applications[app_id] = {"id": app_id, "citizen_id": body.get("citizen_id")}
+            number = body.get("application_no")
+            if isinstance(number, str | int) and not isinstance(number, bool):
+                self._by_no[str(number)] = app_id
             status = 201
         else:
             status = 200
@@ -340,6 +439,8 @@ class PopulationSimulator:
             }
         )
         self.stats.applied += 1
+        if key is not None:
+            self._applied_keys.add(key)
         return status, {
             "id": app_id,
             "seq": seq,
@@ -352,9 +453,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.text())
+        body = json.loads(raw)
     except ValueError:
         body = None
     if not isinstance(body, dict):
@@ -362,6 +463,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
             text='{"error": "body must be a JSON object"}', content_type="application/json"
         )
     return body
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    return _json_object(await request.read())
 
 
 # --- a compressed day for the demo ----------------------------------------------------------
@@ -445,7 +550,7 @@ def default_outage_plan(
     return merged
 
 
-# --- manual use: python -m netwatch.simulator --port 8099 -----------------------------------
+# --- manual use: python -m netwatch.demo.simulator --port 8099 ----------------------------
 
 
 async def _serve_forever(settings: SimulatorSettings, host: str, port: int) -> None:
@@ -463,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--outage-kind", choices=OUTAGE_KINDS, default="http503")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--naive", action="store_true", help="ignore Idempotency-Key: apply every write received"
+    )
     args = parser.parse_args(argv)
     settings = SimulatorSettings(
         latency_ms=args.latency_ms,
@@ -470,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         error_rate=args.error_rate,
         outage_kind=args.outage_kind,
         seed=args.seed,
+        naive=args.naive,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_forever(settings, args.host, args.port))

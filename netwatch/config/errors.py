@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from netwatch.yamlpos import Document, KeyPath, Problem
+from netwatch.config.yamlpos import Document, KeyPath, Problem
 
 _MAPPING_TYPES = {"model_type", "model_attributes_type", "dict_type", "mapping_type"}
 _LIST_TYPES = {"tuple_type", "list_type", "iterable_type"}

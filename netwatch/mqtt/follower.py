@@ -13,8 +13,8 @@ import aiomqtt
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from netwatch.config import Mqtt
-from netwatch.mqtt import (
+from netwatch.config.schema import Mqtt
+from netwatch.mqtt.bridge import (
     PROXY_MODES,
     InvalidPayload,
     choice,

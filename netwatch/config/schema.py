@@ -4,11 +4,11 @@
 becomes one line of a ``ConfigError``: ``FILE:LINE: KEY.PATH: message``, all problems at
 once, so an operator fixes a file in one pass. The pieces:
 
-- ``netwatch.yamlpos``: YAML -> plain data + the line of each key path, ``${ENV}``
+- ``netwatch.config.yamlpos``: YAML -> plain data + the line of each key path, ``${ENV}``
   expansion, duplicate keys;
-- ``netwatch.units``: durations, sizes, rates, times of day, day names;
+- ``netwatch.config.units``: durations, sizes, rates, times of day, day names;
 - this module: the schema, cross-field checks, and turning it all into problem lines;
-- ``netwatch.configerrors``: pydantic errors -> readable, located messages.
+- ``netwatch.config.errors``: pydantic errors -> readable, located messages.
 
 Every model is frozen (assignment raises) and mappings inside are read-only views.
 """
@@ -35,9 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-from netwatch.configerrors import translate
-from netwatch.errors import ConfigError
-from netwatch.units import (
+from netwatch.config.errors import translate
+from netwatch.config.units import (
     Days,
     Duration,
     HttpUrl,
@@ -54,7 +53,8 @@ from netwatch.units import (
     parse_size,
     parse_time_of_day,
 )
-from netwatch.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
+from netwatch.config.yamlpos import KeyPath, Problem, YamlSyntaxError, format_path, load_yaml
+from netwatch.errors import ConfigError
 
 __all__ = [
     "AnyTarget",
@@ -67,6 +67,7 @@ __all__ = [
     "Metrics",
     "Mqtt",
     "Notify",
+    "PathTarget",
     "PeakWindow",
     "Proxy",
     "Queue",
@@ -129,6 +130,10 @@ class Site(Frozen):
     id: Name
     name: str = ""
     timezone: Timezone = "Asia/Ho_Chi_Minh"
+    # City view: labels that let central rules group sites (netwatch_site_info).
+    district: str = ""
+    isp: str = ""
+    uplink: str = ""
 
 
 class PeakWindow(Frozen):
@@ -148,10 +153,15 @@ class Defaults(Frozen):
     timeout: Duration = 2.0
 
 
+Role = Literal["gateway", "isp", "core", "service"]
+
+
 class _TargetBase(Frozen):
     name: Name
     interval: Duration | None = None
     timeout: Duration | None = None
+    # Where along the site's path the target sits (netwatch.monitor.fault reads it).
+    role: Role = "service"
 
 
 class IcmpTarget(_TargetBase):
@@ -206,7 +216,19 @@ class TlsTarget(_TargetBase):
     ca_file: OptionalText = None
 
 
-AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget
+class PathTarget(_TargetBase):
+    type: Literal["path"]
+    host: str
+    # A trace costs max_hops x rounds packets: its own, slower default interval.
+    interval: Duration | None = 60.0
+    rounds: Annotated[int, Field(ge=1, le=20)] = 3
+    max_hops: Annotated[int, Field(ge=1, le=64)] = 30
+    spacing: Duration = 0.5
+    protocol: Literal["auto", "icmp", "udp"] = "auto"
+    port: Annotated[int, Field(ge=1024, le=64000)] = 33434
+
+
+AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget | PathTarget
 Target = Annotated[AnyTarget, Field(discriminator="type")]
 
 
@@ -219,6 +241,8 @@ class Link(Frozen):
 
 class Metrics(Frozen):
     listen: Listen = "127.0.0.1:9108"
+    # Bearer token for /metrics and /api/v1/status (``${ENV}`` recommended); none: open.
+    token: OptionalText = None
 
 
 class Scheduler(Frozen):
@@ -288,6 +312,8 @@ class Proxy(Frozen):
     queue_after: Duration = 2.0
     request_timeout: Duration = 30.0
     ca_file: OptionalText = None
+    # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
+    admin_token: OptionalText = None
 
 
 class Config(Frozen):

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from netwatch.exposition import escape, header, in_slices, value
+from netwatch.monitor.exposition import escape, header, in_slices, value
 from probes import ProbeResult
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0)

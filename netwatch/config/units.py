@@ -1,7 +1,7 @@
 """Config scalars as operators write them: ``500ms``, ``512MiB``, ``50/s``, ``"07:30"``.
 
 Each parser is a plain function (usable from the CLI too) and an ``Annotated`` type for the
-pydantic schema in ``netwatch.config``. Parsers raise ``ValueError`` even for wrong types,
+pydantic schema in ``netwatch.config.schema``. Parsers raise ``ValueError`` even for wrong types,
 because pydantic only turns ``ValueError``/``AssertionError`` into validation errors; a
 ``TypeError`` would escape as a crash instead of a config problem line.
 """
