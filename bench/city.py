@@ -114,7 +114,7 @@ async def run_size(args: argparse.Namespace, sites: int, workdir: Path) -> list[
             [f"{central.url}/api/v1/write", f"{vm.url}/api/v1/write"],
             scrape,
             batch,
-        ),
+        ) as agent,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
     ):
         api = Api(session)
@@ -143,6 +143,7 @@ async def run_size(args: argparse.Namespace, sites: int, workdir: Path) -> list[
             await until(lambda: quiet(api, central, am), 180, "the city quiet again")
         elapsed = time.monotonic() - t0
         print(f"  city rules: {await rule_seconds(api, central)}", flush=True)
+        print(f"  agent: {await agent_health(api, agent)}", flush=True)
         for name, proc in (("central Prometheus", central), ("VictoriaMetrics", vm)):
             cores = (cpu_seconds(proc.pid) - cpu0[proc.pid]) / elapsed
             mem = memory_mb(proc.pid)
@@ -153,6 +154,18 @@ async def run_size(args: argparse.Namespace, sites: int, workdir: Path) -> list[
                 flush=True,
             )
     return rows
+
+
+async def agent_health(api: Api, agent: Proc) -> str:
+    """Samples the agent could not deliver (a refused batch is dropped whole)."""
+    async with api.session.get(f"{agent.url}/metrics") as resp:
+        text = await resp.text()
+    failed = [
+        line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("prometheus_remote_storage_samples_failed_total")
+    ]
+    return f"samples failed per store {', '.join(failed)}"
 
 
 async def rule_seconds(api: Api, central: Proc) -> str:

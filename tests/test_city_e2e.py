@@ -242,7 +242,10 @@ async def agent_counter(api: Api, url: str, name: str) -> float:
 async def store(kind: str, tmp_path: Path) -> AsyncIterator[Proc]:
     if kind == "prometheus":
         async with run_prometheus(
-            tmp_path / "central", {"global": {}}, args=CENTRAL_ARGS, name="central"
+            tmp_path / "central",
+            central_config([], GAP_SCRAPE, None),
+            args=CENTRAL_ARGS,
+            name="central",
         ) as proc:
             yield proc
     else:

@@ -361,9 +361,14 @@ async def run_agent(
 
 
 def central_config(rule_files: list[Path], evaluation: float, am_url: str | None) -> dict[str, Any]:
+    """The central Prometheus: the rules, and the shipped storage settings (the out-of-order
+    window: without it one late sample makes Prometheus refuse a whole remote-write batch,
+    and the agent drops it)."""
+    shipped = yaml.safe_load((ROOT / "config" / "prometheus" / "prometheus.yml").read_text())
     config: dict[str, Any] = {
         "global": {"evaluation_interval": _ms(evaluation)},
         "rule_files": [str(p) for p in rule_files],
+        "storage": shipped["storage"],
     }
     if am_url:
         host = am_url.removeprefix("http://")
