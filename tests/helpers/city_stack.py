@@ -312,7 +312,13 @@ def agent_config(
                 "static_configs": [
                     {
                         "targets": [host],
-                        "labels": {"__metrics_path__": path, **({"site": site} if site else {})},
+                        # One host:port serves every shard: without its own instance
+                        # label each target's up / scrape_* series would collide.
+                        "labels": {
+                            "__metrics_path__": path,
+                            "instance": f"{host}{path}",
+                            **({"site": site} if site else {}),
+                        },
                     }
                     for host, path, site in targets
                 ],
