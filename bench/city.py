@@ -129,7 +129,9 @@ async def run_size(args: argparse.Namespace, sites: int, workdir: Path) -> list[
         t0 = time.monotonic()
         # Scenarios with an incident (central-store-late is the store's own lag: the
         # simulated sites cannot make it happen).
-        for scenario in (s for s in scenarios(city) if s.incidents):
+        chosen = [s for s in scenarios(city) if s.incidents]
+        chosen = [s for s in chosen if not args.scenarios or s.name in args.scenarios]
+        for scenario in chosen:
             stack = Stack(api, sim, central, am, hook, args.scrape, args.am_scale)
             rows.append(await one(stack, scenario, sites))
             r = rows[-1]
@@ -251,6 +253,11 @@ async def one(stack: Stack, scenario: Scenario, sites: int) -> Row:
     scope_ok = scope_ok and all(
         {a["labels"]["alertname"] for a in body["alerts"]} <= scenario.broad for body in pages
     )
+    for body in pages:
+        names = sorted({a["labels"]["alertname"] for a in body["alerts"]})
+        if not set(names) <= scenario.broad:
+            labels = body["groupLabels"]
+            print(f"    page outside the incident's scope: {names} {labels}", flush=True)
     return Row(sites, scenario.name, verdict, scope_ok, len(pages), scenario.incidents)
 
 
@@ -259,6 +266,7 @@ def main() -> int:
     parser.add_argument("--sites", type=int, nargs="+", default=[300, 3000])
     parser.add_argument("--scrape", type=float, default=2.0, help="scrape interval, s")
     parser.add_argument("--evaluation", type=float, default=1.0, help="rule interval, s")
+    parser.add_argument("--scenarios", nargs="*", help="only these (default: all)")
     parser.add_argument("--batch", type=float, default=0.5, help="remote-write deadline, s")
     parser.add_argument(
         "--am-scale",
