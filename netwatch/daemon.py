@@ -82,7 +82,7 @@ class Daemon:
                 CityCollector(lambda: self.config, lambda: self.monitor.targets, self.fault)
             )
         self.extras = Extras(self)
-        self.started = time.time()
+        self.started = time.monotonic()  # uptime is a duration: a wall clock step is not
         self._stop = asyncio.Event()
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
 
@@ -110,7 +110,7 @@ class Daemon:
             "version": __version__,
             "role": self.role,
             "peak": self.is_peak(),
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "targets": self.monitor.snapshot(),
             **self.extras.status(),
         }

@@ -8,6 +8,9 @@
     ├── ProbeError                   a probe could not even be attempted (bad spec)
     ├── QueueError                   the durable station queue
     │   ├── QueueFullError           max_bytes reached: the proxy answers 507
+    │   │   └── QueueDiskFullError   the disk is full: 507 too, and healthz says so
+    │   ├── QueueDamagedError        SQLite found the file corrupt: no more writes to it
+    │   ├── QueueForeignError        exit 2: the file is not a netwatch queue (left untouched)
     │   ├── QueueKeyError            wrong or missing encryption key: fail fast
     │   │   └── KeyFileMissingError  exit 2: the key file named is not there
     │   └── QueueFileMissingError    exit 2: the queue file named is not there
@@ -54,6 +57,20 @@ class QueueError(NetwatchError):
 
 class QueueFullError(QueueError):
     """The queue reached ``max_bytes``; nothing already queued is touched."""
+
+
+class QueueDiskFullError(QueueFullError):
+    """A write could not commit because the disk (or its quota) is full."""
+
+
+class QueueDamagedError(QueueError):
+    """SQLite reports the queue file corrupt: it is kept as it is for salvage."""
+
+
+class QueueForeignError(QueueError):
+    """The file is not a netwatch queue; it was not touched."""
+
+    exit_code = 2
 
 
 class QueueKeyError(QueueError):

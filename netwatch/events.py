@@ -47,6 +47,8 @@ class QueueStats:
     depth: int
     oldest_age_s: float
     dead: int
+    health: str = "ok"  # "disk_full": cannot take writes; "damaged": the file is corrupt
+    unreadable: int = 0  # dead letters set aside because they could not be read back
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import structlog
 
 from netwatch import __version__
 from netwatch.alerting.alerts import AlertEvent, AlertPolicy, AlertState
+from netwatch.clock import Instant
 from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 from netwatch.proxy import mode as machine
 
@@ -94,8 +95,8 @@ class SiteMode:
         self._feed(machine.Override(mode))  # type: ignore[arg-type]
 
     def _feed(self, event: machine.ModeEvent, *, announce: bool = False) -> None:
-        now = self._daemon.clock.now()
-        self._state, effects = machine.step(self._state, event, now)
+        clock = self._daemon.clock
+        self._state, effects = machine.step(self._state, event, clock.now(), mono=clock.monotonic())
         if effects or announce:
             log.info("site_mode_changed", mode=self._state.mode, reason=self._state.reason)
             self._daemon.hub.publish(
@@ -253,7 +254,7 @@ class Extras:
             if isinstance(event, LinkChanged):
                 if self.bridge is not None:
                     self.bridge.publish_link(event)
-                self._send_alerts(self.alerts.on_link(event, clock.now()))
+                self._send_alerts(self.alerts.on_link(event, Instant.of(clock)))
             elif isinstance(event, ModeChanged):
                 if self.bridge is not None:
                     self.bridge.publish_mode(event)
@@ -263,12 +264,12 @@ class Extras:
             elif isinstance(event, QueueStats):
                 if self.bridge is not None:
                     self.bridge.publish_queue(event)
-                now = clock.now()
+                now = Instant.of(clock)
                 self._send_alerts(
-                    self.alerts.on_queue(event, now, self._daemon.schedule.is_peak(now))
+                    self.alerts.on_queue(event, now, self._daemon.schedule.is_peak(now.wall))
                 )
 
     async def _alert_ticks(self) -> None:
         while True:
             await asyncio.sleep(ALERT_TICK)
-            self._send_alerts(self.alerts.tick(self._daemon.clock.now()))
+            self._send_alerts(self.alerts.tick(Instant.of(self._daemon.clock)))

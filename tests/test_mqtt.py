@@ -151,7 +151,13 @@ async def test_retained_state_reaches_a_fresh_subscriber_but_alerts_do_not(tmp_p
                 "reason": "popdb-api down",
                 "since": "2026-11-23T01:00:00+00:00",
             }
-            assert body(got[f"{P}/queue"]) == {"depth": 7, "oldest_age_s": 12.3, "dead": 1}
+            assert body(got[f"{P}/queue"]) == {
+                "depth": 7,
+                "oldest_age_s": 12.3,
+                "dead": 1,
+                "health": "ok",
+                "unreadable": 0,
+            }
             assert metric(registry, "netwatch_mqtt_connected") == 1
 
 

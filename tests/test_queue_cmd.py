@@ -129,7 +129,10 @@ def test_purge_asks_first_and_a_no_keeps_everything(filled: Filled) -> None:
 
 
 def test_export_dead_writes_json_lines_with_base64_bodies(filled: Filled) -> None:
-    result = run("export", "--dead", "--queue", str(filled.path))
+    refused = run("export", "--dead", "--queue", str(filled.path))
+    assert refused.exit_code == 2  # a plaintext queue exports plaintext only when told so
+    assert "add --decrypt" in refused.stderr
+    result = run("export", "--dead", "--decrypt", "--queue", str(filled.path))
     assert result.exit_code == 0, result.output
     (line,) = result.output.splitlines()
     record = json.loads(line)

@@ -287,6 +287,9 @@ class Queue(Frozen):
     max_bytes: Size = 1024**3
     max_age: Duration = 72 * 3600.0
     key_file: OptionalText = None
+    # Sealed at rest (AES-256-GCM) by default: without key_file, a key is created beside
+    # the queue at first start (see crypto.default_key_path). false: plaintext.
+    encrypt: bool = True
     # Concurrent enqueues share one fsync. Off (one commit per request) only to measure it.
     group_commit: bool = True
 
@@ -312,6 +315,15 @@ class Proxy(Frozen):
     queue_after: Duration = 2.0
     request_timeout: Duration = 30.0
     ca_file: OptionalText = None
+    # Slow and idle stations: a connection must complete its request head within
+    # header_timeout of connecting, then each next one within idle_timeout of the last
+    # answer; a buffered (replayable) body must arrive within body_timeout (else 408).
+    # At most max_connections are open (lowered to fit the open-file limit); past it the
+    # connection that waited longest for its request head makes room.
+    header_timeout: Duration = 10.0
+    idle_timeout: Duration = 15.0
+    body_timeout: Duration = 30.0
+    max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
     admin_token: OptionalText = None
 

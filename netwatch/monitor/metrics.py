@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
@@ -41,6 +42,60 @@ class OutageTotals:
     type: str
     off_peak_seconds: float
     peak_seconds: float
+
+
+Split = Callable[[datetime, datetime], tuple[float, float]]
+
+
+class OutageMeter:
+    """The outage seconds of one target, ``(off_peak, peak)``: a counter that never goes
+    back and never counts a step of the wall clock as time spent down.
+
+    How long comes from the monotonic clock; the wall clock only places that time in the
+    week, to split it at peak-window boundaries (``split`` is ``PeakSchedule.split``). The
+    open stretch of an outage is laid from the wall time of its last ``fold`` for as long
+    as the monotonic clock says; each ``fold`` (every probe round) banks it and takes the
+    wall clock afresh, so after a step the time that follows is peak or not by the new
+    wall time, and the stretch around the step is off by at most one probe interval.
+    """
+
+    __slots__ = ("_open_mono", "_open_wall", "off_peak", "peak")
+
+    def __init__(self) -> None:
+        self.off_peak = 0.0
+        self.peak = 0.0
+        self._open_wall: datetime | None = None
+        self._open_mono = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self._open_wall is not None
+
+    def begin(self, wall: datetime, mono: float) -> None:
+        self._open_wall, self._open_mono = wall, mono
+
+    def fold(self, wall: datetime, mono: float, split: Split) -> None:
+        """Bank the open stretch up to ``mono`` and restart it at ``wall`` (no-op if closed)."""
+        off, on = self._stretch(mono, split)
+        self.off_peak += off
+        self.peak += on
+        if self._open_wall is not None:
+            self._open_wall, self._open_mono = wall, max(mono, self._open_mono)
+
+    def end(self, wall: datetime, mono: float, split: Split) -> None:
+        self.fold(wall, mono, split)
+        self._open_wall = None
+
+    def totals(self, mono: float, split: Split) -> tuple[float, float]:
+        """``(off_peak, peak)`` seconds at ``mono``, the open stretch included."""
+        off, on = self._stretch(mono, split)
+        return self.off_peak + off, self.peak + on
+
+    def _stretch(self, mono: float, split: Split) -> tuple[float, float]:
+        if self._open_wall is None:
+            return 0.0, 0.0
+        elapsed = max(0.0, mono - self._open_mono)
+        return split(self._open_wall, self._open_wall + timedelta(seconds=elapsed))
 
 
 class TargetSeries:

@@ -24,7 +24,7 @@ from netwatch.clock import Clock
 from netwatch.config.schema import AnyTarget, Config
 from netwatch.events import LinkChanged
 from netwatch.monitor import link
-from netwatch.monitor.metrics import MonitorMetrics, OutageTotals, TargetSeries
+from netwatch.monitor.metrics import MonitorMetrics, OutageMeter, OutageTotals, TargetSeries
 from netwatch.monitor.schedule import PeakSchedule
 from probes import ProbeResult
 from probes.path import path_view, trace_budget
@@ -51,8 +51,7 @@ class TargetRuntime:
     last: ProbeResult | None = None
     last_at: datetime | None = None
     rounds: int = 0
-    closed_off_peak: float = 0.0
-    closed_peak: float = 0.0
+    outage: OutageMeter = field(default_factory=OutageMeter)
     task: asyncio.Task[None] | None = None
 
     @property
@@ -221,7 +220,7 @@ class Monitor:
 
     def observe(self, rt: TargetRuntime, result: ProbeResult) -> None:
         """Feed one probe result through metrics and the link state machine (no I/O)."""
-        now = self._clock.now()
+        now, mono = self._clock.now(), self._clock.monotonic()
         rt.last, rt.last_at = result, now
         rt.rounds += 1
         self._metrics.observe_probe(rt.child, result)
@@ -231,13 +230,15 @@ class Monitor:
         rt.status, effects = link.step(
             rt.status, verdict, now, peak, self._thresholds, detail=detail
         )
+        # Outage time is measured on the monotonic clock (``OutageMeter``): the wall times
+        # of ``OutageBegan``/``OutageEnded`` are for humans and may be a clock step apart.
+        rt.outage.fold(now, mono, self._schedule.split)
         for effect in effects:
             if isinstance(effect, link.OutageBegan):
                 self._metrics.outage_began(rt.child, peak=effect.peak)
+                rt.outage.begin(now, mono)
             elif isinstance(effect, link.OutageEnded):
-                off, on = self._schedule.split(effect.began, effect.at)
-                rt.closed_off_peak += off
-                rt.closed_peak += on
+                rt.outage.end(now, mono, self._schedule.split)
             elif isinstance(effect, link.Transition):
                 self._metrics.set_state(rt.child, effect.new.value, changed=True)
                 self._announce(rt, effect, result, peak)
@@ -278,13 +279,10 @@ class Monitor:
     # --- views ----------------------------------------------------------------------------
 
     def outage_totals(self) -> list[OutageTotals]:
-        now = self._clock.now()
+        mono = self._clock.monotonic()
         out = []
         for rt in list(self.targets.values()):
-            off, on = rt.closed_off_peak, rt.closed_peak
-            if rt.status.outage_since is not None:
-                o_off, o_on = self._schedule.split(rt.status.outage_since, now)
-                off, on = off + o_off, on + o_on
+            off, on = rt.outage.totals(mono, self._schedule.split)
             out.append(OutageTotals(rt.name, rt.spec.type, off, on))
         return out
 

@@ -244,7 +244,13 @@ class MqttBridge:
 
     def publish_queue(self, stats: QueueStats) -> None:
         age = round(stats.oldest_age_s, 1)
-        payload = {"depth": stats.depth, "oldest_age_s": age, "dead": stats.dead}
+        payload = {
+            "depth": stats.depth,
+            "oldest_age_s": age,
+            "dead": stats.dead,
+            "health": stats.health,
+            "unreadable": stats.unreadable,
+        }
         self._submit(lambda: self._set_retained(self.topic("queue"), payload))
 
     def publish_alert(self, alert: AlertEvent) -> None:

@@ -42,6 +42,7 @@ def generate_key_file(path: str | Path) -> Path:
         # O_EXCL makes "exists" and "create" one atomic step; 0600 is set at creation, so
         # the key is never readable by others, not even for an instant.
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)  # exact, whatever the umask
     except FileExistsError:
         raise QueueKeyError(f"{p}: key file already exists; refusing to overwrite it") from None
     except OSError as exc:
@@ -51,6 +52,13 @@ def generate_key_file(path: str | Path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return p
+
+
+def default_key_path(queue_path: str | Path) -> Path:
+    """Where the key of a queue without ``key_file`` lives: beside it, ``queue.db`` ->
+    ``queue.key`` (created at the queue's first start)."""
+    p = Path(queue_path)
+    return p.with_name(f"{p.name}.key" if p.suffix == ".key" else f"{p.stem}.key")
 
 
 def load_key(path: str | Path) -> bytes:

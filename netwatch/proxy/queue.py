@@ -6,12 +6,20 @@ the whole group), then resolves the callers' futures. Under load this turns N fs
 one, which is what lets the proxy answer 202 only for entries on disk and still keep up.
 Reads use a second, query-only connection in a worker thread: WAL lets it read while the
 writer commits. Another process (the ``netwatch queue`` CLI) may open the same file.
+
+A row that cannot be read back (a sealed field that fails authentication, headers that are
+not JSON, text that is not UTF-8) comes out as an ``Entry`` with ``unreadable`` set and no
+payload, never as an exception: the replayer sets it aside with ``quarantine`` (a dead
+letter, reason ``unreadable``, its stored bytes untouched) and the rest of the queue goes on.
+A file SQLite reports corrupt (at open, by ``PRAGMA quick_check``, or at run time) puts the
+queue in the ``damaged`` state: no write reaches the file any more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -21,24 +29,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from netwatch.errors import QueueError, QueueFileMissingError, QueueFullError, QueueKeyError
-from netwatch.proxy.crypto import Sealer
-from netwatch.proxy.queue_writer import (
-    GroupWriter,
-    Txn,
-    connect,
-    file_size,
-    prepare,
-    read_tally,
+import structlog
+
+from netwatch.errors import (
+    QueueDamagedError,
+    QueueError,
+    QueueFileMissingError,
+    QueueFullError,
+    QueueKeyError,
 )
+from netwatch.proxy.crypto import Sealer, generate_key_file, load_key
+from netwatch.proxy.queue_file import (
+    Kind,
+    connect,
+    create_private_file,
+    identify,
+    make_private_dir,
+    open_for_writing,
+    prepare,
+    quick_check,
+    read_only_uri,
+    tighten,
+    translate,
+)
+from netwatch.proxy.queue_writer import GroupWriter, Txn, file_size, read_tally
 
 EntryState = Literal["queued", "delivered", "dead"]
+Health = Literal["ok", "disk_full", "damaged"]
+_STATES = ("queued", "delivered", "dead")
 
 UPSTREAM_BODY_CAP = 64 * 1024  # a dead letter keeps enough of the answer to explain it
 ENTRY_OVERHEAD = 256  # row, index and sealing bytes an entry costs beyond its payload
 DELIVERED_RETENTION = 7 * 86400.0
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # Heads of every order key without scanning the backlog: a recursive skip-scan visits each
 # distinct key once through the partial index (O(keys * log n), not O(entries)). INDEXED BY:
@@ -51,15 +76,18 @@ WITH RECURSIVE keys(k) AS (
             WHERE state = 'queued' AND order_key > k)
     FROM keys WHERE k IS NOT NULL
 )
-SELECT * FROM entries WHERE seq IN (
+SELECT *, typeof(path) AS path_type FROM entries WHERE seq IN (
     SELECT (SELECT seq FROM entries INDEXED BY entries_queued_key
             WHERE state = 'queued' AND order_key = k
             ORDER BY seq LIMIT 1)
     FROM keys WHERE k IS NOT NULL
 ) AND next_attempt_at <= ? ORDER BY seq LIMIT ?
 """
-_LIST_ALL = "SELECT * FROM entries WHERE seq > ? ORDER BY seq LIMIT ?"
-_LIST_STATE = "SELECT * FROM entries WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?"
+_ROW = "SELECT *, typeof(path) AS path_type FROM entries"  # a sealed path is a BLOB
+_LIST_ALL = f"{_ROW} WHERE seq > ? ORDER BY seq LIMIT ?"
+_LIST_STATE = f"{_ROW} WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?"
+_RAW_FIELDS = ("path", "query", "headers", "body", "upstream_body")
+_RAW_SQL = "SELECT path, query, headers, body, upstream_body FROM entries WHERE seq = ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +125,7 @@ class Entry:
     reason: str | None  # dead letters: "expired", "rejected", "operator", ...
     delivered_at: float | None
     size: int  # bytes this entry accounts for against max_bytes
+    unreadable: str | None = None  # why the row cannot be read back (then no payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +135,7 @@ class QueueStats:
     bytes: int  # on-disk size of the database files (db + wal)
     dead: int  # entries in state "dead"
     accounted_bytes: int = 0  # bytes of queued + dead entries, counted against max_bytes
+    unreadable: int = 0  # dead letters set aside because they could not be read
 
 
 class DurableQueue:
@@ -123,6 +153,7 @@ class DurableQueue:
         max_bytes: int,
         max_age: float,
         key: bytes | None,
+        auto_key: Path | None,
         create: bool,
         max_batch: int,
         delivered_retention: float,
@@ -131,6 +162,7 @@ class DurableQueue:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self._sealer = Sealer(key)
+        self._auto_key = auto_key
         self._create = create
         self._max_batch = max_batch
         self._retention = delivered_retention
@@ -146,17 +178,22 @@ class DurableQueue:
         max_bytes: int,
         max_age: float,
         key: bytes | None = None,
+        auto_key: str | Path | None = None,
         create: bool = True,
         max_batch: int = 1024,
         delivered_retention: float = DELIVERED_RETENTION,
     ) -> DurableQueue:
-        """``create=False`` refuses a missing file (the CLI must not invent a queue);
-        ``max_batch=1`` disables group commit (the benchmark's baseline)."""
+        """``key`` seals entries (AES-256-GCM). ``auto_key`` is the key file used when no
+        ``key`` is given: created (0600) with a new queue, read for an encrypted one; an
+        older plaintext queue opens as it is. ``create=False`` refuses a missing file (the
+        CLI must not invent a queue, nor a key); ``max_batch=1`` disables group commit (the
+        benchmark's baseline)."""
         return cls(
             Path(path),
             max_bytes=max_bytes,
             max_age=max_age,
             key=key,
+            auto_key=None if auto_key is None else Path(auto_key),
             create=create,
             max_batch=max_batch,
             delivered_retention=delivered_retention,
@@ -166,6 +203,23 @@ class DurableQueue:
     def commits(self) -> int:
         """Transactions committed by this object's writer (group commit makes it small)."""
         return self._w.commits
+
+    @property
+    def damaged(self) -> str | None:
+        """Why the file is unusable (SQLite found it corrupt), or None."""
+        return None if self._writer is None else self._writer.damaged
+
+    @property
+    def health(self) -> Health:
+        """``damaged``: nothing is written any more; ``disk_full``: the last write could
+        not commit for want of space (cleared by the next write that commits)."""
+        if self._writer is None or self._writer.damaged is not None:
+            return "damaged" if self._writer is not None else "ok"
+        return "disk_full" if self._writer.disk_full else "ok"
+
+    @property
+    def encrypted(self) -> bool:
+        return self._sealer.encrypted
 
     @property
     def _w(self) -> GroupWriter:
@@ -180,53 +234,138 @@ class DurableQueue:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # A damaged file stays exactly as it is: the last connection to close would copy
+        # the WAL into it; a read-only one, open meanwhile and closed last, never does.
+        witness = await asyncio.to_thread(self._witness) if self.damaged else None
         if self._writer is not None:
             await self._writer.close()
         with self._rlock:
             if self._rconn is not None:
                 self._rconn.close()
                 self._rconn = None
+        if witness is not None:
+            witness.close()
+
+    def _witness(self) -> sqlite3.Connection | None:
+        try:
+            conn = connect(read_only_uri(self.path), uri=True)
+        except sqlite3.Error:
+            return None
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA schema_version").fetchone()
+        return conn
 
     def _open_files(self) -> None:
-        if not self._create and not self.path.exists():
+        # Whose file is it? Asked before anything is written: a foreign one stays untouched.
+        damage: str | None = None
+        try:
+            kind = identify(self.path)
+        except QueueDamagedError as exc:  # not even its schema reads: open it to read only
+            kind, damage = "netwatch", str(exc)
+        if kind == "new" and not self._create:
             raise QueueFileMissingError(f"{self.path}: no queue file there")
+        try:
+            wconn, damage = self._connect(kind, damage)
+        except OSError as exc:
+            raise QueueError(f"{self.path}: cannot open the queue: {exc}") from exc
+        self._writer = GroupWriter(wconn, self.path, max_batch=self._max_batch)
+        if damage is not None:
+            if not damage.startswith(str(self.path)):
+                damage = f"{self.path}: the queue file is damaged ({damage})"
+            self._writer.set_damaged(QueueDamagedError(damage))
+
+    def _connect(self, kind: Kind, damage: str | None) -> tuple[sqlite3.Connection, str | None]:
+        """(writer connection, why the file is damaged or None); a damaged file gets no
+        pragma, no schema change, no key: nothing is written to it."""
         wconn = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            wconn = connect(self.path)
-            prepare(wconn, self.path, self._check_key)
+            if kind == "new":
+                make_private_dir(self.path.parent)
+                create_private_file(self.path)
+            tighten(self.path)
+            wconn = open_for_writing(self.path, kind) if damage is None else connect(self.path)
             self._rconn = connect(self.path)
             self._rconn.execute("PRAGMA query_only=ON")
             self._rconn.row_factory = sqlite3.Row
-        except (sqlite3.Error, OSError, QueueError) as exc:
-            if wconn is not None:
-                wconn.close()
-            if isinstance(exc, QueueError):
-                raise
-            raise QueueError(f"{self.path}: cannot open the queue: {exc}") from exc
-        self._writer = GroupWriter(wconn, self.path, max_batch=self._max_batch)
+            # Stored text is decoded by _to_entry, so a non-UTF-8 row is one unreadable
+            # entry instead of a failed query.
+            self._rconn.text_factory = bytes
+            if damage is None:
+                damage = quick_check(wconn)
+            if damage is None:
+                prepare(wconn, self.path, self._check_key)
+            else:  # read what can be read, with the right key
+                with contextlib.suppress(sqlite3.Error):
+                    self._check_key(wconn, writable=False)
+        except sqlite3.Error as exc:
+            error = translate(exc, f"{self.path}: cannot open the queue")
+            if isinstance(error, QueueDamagedError) and wconn and self._rconn:
+                return wconn, str(error)
+            _close(wconn, self._rconn)
+            self._rconn = None
+            raise error from exc
+        except BaseException:
+            _close(wconn, self._rconn)
+            self._rconn = None
+            raise
+        return wconn, damage
 
-    def _check_key(self, conn: sqlite3.Connection) -> None:
+    def _check_key(self, conn: sqlite3.Connection, *, writable: bool = True) -> None:
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-        if "encryption" not in meta:
-            if self._sealer.encrypted:
-                rows = [("encryption", b"aes-256-gcm"), ("key_check", self._sealer.check_value())]
-            else:
-                rows = [("encryption", b"none")]
-            conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", rows)
-        elif bytes(meta["encryption"]) == b"none":
+        encryption = meta.get("encryption")
+        if encryption is None:
+            if writable:
+                self._stamp(conn)
+        elif bytes(encryption) == b"none":
             if self._sealer.encrypted:
                 raise QueueKeyError(
                     f"{self.path}: this queue is not encrypted but a key was given; "
                     "open it without a key (a queue cannot be encrypted in place)"
                 )
-        elif not self._sealer.encrypted:
-            raise QueueKeyError(
-                f"{self.path}: this queue is encrypted; give its key "
-                "(proxy.queue.key_file, or --key-file)"
-            )
-        elif not self._sealer.verify(bytes(meta["key_check"])):
-            raise QueueKeyError(f"{self.path}: the key does not open this queue (wrong key file?)")
+            if self._auto_key is not None and writable and self._create:  # the daemon's
+                log.warning(
+                    "queue_not_encrypted",
+                    path=str(self.path),
+                    hint="made by an older netwatch: it stays plaintext; to encrypt, let it "
+                    "drain, stop netwatch, move the file away and start again",
+                )
+        else:
+            auto = self._auto_key
+            if not self._sealer.encrypted and auto is not None and auto.exists():
+                self._sealer = Sealer(load_key(auto))
+            if not self._sealer.encrypted:
+                looked = f", none at {auto}" if auto is not None else ""
+                raise QueueKeyError(
+                    f"{self.path}: this queue is encrypted; give its key "
+                    f"(proxy.queue.key_file, or --key-file{looked})"
+                )
+            if not self._sealer.verify(bytes(meta["key_check"])):
+                raise QueueKeyError(
+                    f"{self.path}: the key does not open this queue (wrong key file?)"
+                )
+
+    def _stamp(self, conn: sqlite3.Connection) -> None:
+        """A new queue: record whether (and with which key) it is sealed."""
+        if not self._sealer.encrypted and self._auto_key is not None:
+            self._sealer = Sealer(self._new_key(self._auto_key))
+        if self._sealer.encrypted:
+            rows = [("encryption", b"aes-256-gcm"), ("key_check", self._sealer.check_value())]
+        else:
+            rows = [("encryption", b"none")]
+        conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", rows)
+
+    def _new_key(self, path: Path) -> bytes:
+        if path.exists():
+            return load_key(path)
+        generate_key_file(path)
+        # Once, at creation: without this file the queued applications cannot be read.
+        log.warning(
+            "queue_key_created",
+            path=str(path),
+            backup="copy this key file somewhere safe: without it the queued entries "
+            "cannot be read (restoring a queue file needs its key)",
+        )
+        return load_key(path)
 
     async def _write(self, fn: Callable[[Txn], T]) -> T:
         return await self._w.submit(fn)
@@ -239,7 +378,10 @@ class DurableQueue:
                 try:
                     return fn(self._rconn)
                 except sqlite3.Error as exc:
-                    raise QueueError(f"queue read failed: {exc}") from exc
+                    error = translate(exc, "queue read failed")
+                    if isinstance(error, QueueDamagedError) and self._writer is not None:
+                        self._writer.set_damaged(error)
+                    raise error from exc
 
         return await asyncio.to_thread(run)
 
@@ -253,11 +395,15 @@ class DurableQueue:
     def _insert(self, txn: Txn, new: NewEntry, now: float) -> tuple[Entry, int]:
         entry_id = secrets.token_hex(16)
         seal = self._sealer.seal
+        # Citizens' identifiers travel in paths too: sealed (a BLOB) when there is a key.
+        path: str | bytes = new.path
+        if self._sealer.encrypted:
+            path = seal(entry_id, "path", new.path.encode())
         query = seal(entry_id, "query", new.query.encode())
         headers = seal(entry_id, "headers", _dump_headers(new.headers))
         body = seal(entry_id, "body", new.body)
-        size = ENTRY_OVERHEAD + len(query) + len(headers) + len(body)
-        size += sum(len(s) for s in (new.method, new.path, new.idempotency_key, new.order_key))
+        size = ENTRY_OVERHEAD + len(path) + len(query) + len(headers) + len(body)
+        size += sum(len(s) for s in (new.method, new.idempotency_key, new.order_key))
         queued, used = txn.counts()
         if used + size > self.max_bytes:
             raise QueueFullError(
@@ -267,7 +413,7 @@ class DurableQueue:
             "INSERT INTO entries (id, order_key, method, path, query, headers, body,"
             " idempotency_key, queued_at, age_from, state, next_attempt_at, size)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (entry_id, new.order_key, new.method, new.path, query, headers, body,
+            (entry_id, new.order_key, new.method, path, query, headers, body,
              new.idempotency_key, now, now, now, size),
         )  # fmt: skip
         txn.queued, txn.used = queued + 1, used + size
@@ -368,6 +514,50 @@ class DurableQueue:
         params = (now, now, entry_id, entry_id)
         return await self._write(lambda txn: self._update(txn, sql, params))
 
+    async def shift_times(self, seconds: float) -> int:
+        """The wall clock stepped by ``seconds``: move the times of entries that may still
+        be sent, so that a retry wait keeps what was left of it and a forward step does not
+        age anything. A backward step leaves ``age_from`` alone: a clock step may delay an
+        expiry, never bring it forward. Returns the entries moved."""
+        sql = (
+            "UPDATE entries SET next_attempt_at = next_attempt_at + ?,"
+            " queued_at = queued_at + ?, age_from = age_from + ?"
+            " WHERE state NOT IN ('delivered', 'dead')"
+        )
+        params = (seconds, seconds, max(0.0, seconds))
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def clamp_future(self, *, now: float, max_wait: float) -> int:
+        """At start, with no monotonic clock shared with the last run: a time in the future
+        means the wall clock went back while the proxy was stopped. Such an entry counts as
+        queued now, and waits at most ``max_wait``. Returns the entries changed."""
+        latest = now + max_wait
+        sql = (
+            "UPDATE entries SET age_from = MIN(age_from, ?), queued_at = MIN(queued_at, ?),"
+            " next_attempt_at = MIN(next_attempt_at, ?)"
+            " WHERE state NOT IN ('delivered', 'dead')"
+            " AND (age_from > ? OR queued_at > ? OR next_attempt_at > ?)"
+        )
+        params = (now, now, latest, now, now, latest)
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def quarantine(self, seq: int) -> bool:
+        """Set a queued entry that cannot be read back aside as a dead letter (reason
+        ``unreadable``) by its seq (its id may be what is damaged); its stored bytes stay
+        as they are, for ``netwatch queue export`` or another key. True if it was queued."""
+        sql = (
+            "UPDATE entries SET state = 'dead', reason = 'unreadable'"
+            " WHERE state = 'queued' AND seq = ?"
+        )
+        return bool(await self._write(lambda txn: self._update(txn, sql, (seq,))))
+
+    async def check_writable(self) -> None:
+        """Commit one page: raises QueueDiskFullError while the disk is full, and clears
+        ``disk_full`` once a page can be written again. (The value must change: SQLite
+        writes nothing for an update that leaves a row as it was.)"""
+        sql = "INSERT OR REPLACE INTO meta (name, value) VALUES ('write_check', randomblob(8))"
+        await self._write(lambda txn: txn.conn.execute(sql).rowcount)
+
     async def purge_dead(self) -> int:
         sql = "DELETE FROM entries WHERE state = 'dead'"
         return await self._write(lambda txn: self._update(txn, sql, ()))
@@ -380,7 +570,7 @@ class DurableQueue:
         return await self._read(lambda c: self._entries(c, _READY_SQL, (now, limit)))
 
     async def get(self, entry_id: str) -> Entry | None:
-        sql = "SELECT * FROM entries WHERE id = ?"
+        sql = f"{_ROW} WHERE id = ?"
         found = await self._read(lambda c: self._entries(c, sql, (entry_id,)))
         return found[0] if found else None
 
@@ -394,6 +584,10 @@ class DurableQueue:
                 oldest = conn.execute(
                     "SELECT queued_at FROM entries WHERE state = 'queued' ORDER BY seq LIMIT 1"
                 ).fetchone()
+                unreadable = conn.execute(
+                    "SELECT COUNT(*) FROM entries INDEXED BY entries_unreadable"
+                    " WHERE reason = 'unreadable' AND state = 'dead'"
+                ).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
             return QueueStats(
@@ -402,6 +596,7 @@ class DurableQueue:
                 bytes=file_size(self.path) + file_size(Path(f"{self.path}-wal")),
                 dead=dead,
                 accounted_bytes=used,
+                unreadable=unreadable,
             )
 
         return await self._read(run)
@@ -428,39 +623,108 @@ class DurableQueue:
             sql, params = _LIST_STATE, (state, after_seq, limit)
         return await self._read(lambda c: self._entries(c, sql, params))
 
+    async def raw(self, seq: int) -> dict[str, bytes | None]:
+        """An entry's payload columns exactly as stored (sealed when the queue has a key)."""
+
+        def run(conn: sqlite3.Connection) -> dict[str, bytes | None]:
+            row = conn.execute(_RAW_SQL, (seq,)).fetchone()
+            if row is None:
+                return {}
+            return {name: None if row[name] is None else bytes(row[name]) for name in _RAW_FIELDS}
+
+        return await self._read(run)
+
     def _entries(
         self, conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]
     ) -> builtins.list[Entry]:
         return [self._to_entry(row) for row in conn.execute(sql, params).fetchall()]
 
     def _to_entry(self, row: sqlite3.Row) -> Entry:
-        entry_id = row["id"]
+        try:
+            return self._decode(row)
+        except QueueKeyError:
+            return _unreadable(row, "a sealed field fails authentication")
+        except UnicodeDecodeError:
+            return _unreadable(row, "stored text is not UTF-8")
+        except (ValueError, TypeError):
+            return _unreadable(row, "stored headers or fields do not decode")
+
+    def _decode(self, row: sqlite3.Row) -> Entry:
+        entry_id = _text(row["id"])
 
         def unseal(field: str) -> bytes | None:
             blob = row[field]  # NULL: the payload was dropped on delivery
             return None if blob is None else self._sealer.open(entry_id, field, bytes(blob))
 
+        path = bytes(row["path"])
+        if row["path_type"] == b"blob":  # sealed; older rows kept their path as text
+            path = self._sealer.open(entry_id, "path", path)
         headers = unseal("headers")
+        state = _text(row["state"])
+        if state not in _STATES:
+            raise ValueError(state)
         return Entry(
             id=entry_id,
             seq=row["seq"],
-            order_key=row["order_key"],
-            method=row["method"],
-            path=row["path"],
+            order_key=_text(row["order_key"]),
+            method=_text(row["method"]),
+            path=path.decode(),
             query=(unseal("query") or b"").decode(),
             headers=_load_headers(headers) if headers is not None else (),
             body=unseal("body") or b"",
-            idempotency_key=row["idempotency_key"],
+            idempotency_key=_text(row["idempotency_key"]),
             queued_at=row["queued_at"],
-            state=row["state"],
+            state=cast(EntryState, state),
             attempts=row["attempts"],
             next_attempt_at=row["next_attempt_at"],
             upstream_status=row["upstream_status"],
             upstream_body=unseal("upstream_body"),
-            reason=row["reason"],
+            reason=None if row["reason"] is None else _text(row["reason"]),
             delivered_at=row["delivered_at"],
             size=row["size"],
         )
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _unreadable(row: sqlite3.Row, why: str) -> Entry:
+    """What can be shown of a row that does not decode: its bookkeeping, no payload."""
+
+    def text(name: str) -> str:
+        value = row[name]
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return "" if value is None else str(value)
+
+    def number(name: str) -> float:
+        value = row[name]
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    state = text("state")
+    status = row["upstream_status"]
+    return Entry(
+        id=text("id"), seq=row["seq"], order_key=text("order_key"), method=text("method"),
+        path="", query="", headers=(), body=b"", idempotency_key=text("idempotency_key"),
+        queued_at=number("queued_at"),
+        state=cast(EntryState, state if state in _STATES else "queued"),
+        attempts=int(number("attempts")), next_attempt_at=number("next_attempt_at"),
+        upstream_status=status if isinstance(status, int) else None, upstream_body=None,
+        reason=text("reason") or None,
+        delivered_at=row["delivered_at"] if isinstance(row["delivered_at"], float) else None,
+        size=int(number("size")), unreadable=why,
+    )  # fmt: skip
+
+
+def _close(*conns: sqlite3.Connection | None) -> None:
+    for conn in conns:
+        if conn is not None:
+            conn.close()
 
 
 def _dump_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
@@ -468,4 +732,9 @@ def _dump_headers(headers: tuple[tuple[str, str], ...]) -> bytes:
 
 
 def _load_headers(data: bytes) -> tuple[tuple[str, str], ...]:
-    return tuple((str(k), str(v)) for k, v in json.loads(data))
+    pairs = json.loads(data)
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise ValueError("headers are not a list of name/value pairs")
+    return tuple((k, v) for k, v in pairs)

@@ -2,7 +2,10 @@
 
 SQLite's WAL lets this process read and write the file the daemon has open; every write
 here goes through the same group-committing writer as the daemon's. Bodies are personal
-data: they are never printed unless asked for (``show --body``, ``export``).
+data: they are never printed unless asked for (``show --body``, ``export --decrypt``).
+
+The key of an encrypted queue: ``--key-file``, else ``proxy.queue.key_file`` of ``-c``, else
+the key beside the queue (``queue.db`` -> ``queue.key``) that the proxy created.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from rich.table import Table
 
 from netwatch.config.schema import load_config
 from netwatch.errors import NetwatchError, UsageError
-from netwatch.proxy.crypto import generate_key_file, load_key
+from netwatch.proxy.crypto import default_key_path, generate_key_file, load_key
 from netwatch.proxy.queue import DurableQueue, Entry, EntryState
+from netwatch.proxy.salvage import salvage as salvage_file
 from netwatch.words import plural
 
 _PREVIEW_BYTES = 64
@@ -56,10 +60,12 @@ class _Target:
     path: Path
     key: bytes | None
     max_age: float
+    auto_key: Path | None = None  # read if the queue turns out to be encrypted
 
 
 def _target(queue_path: Path | None, config_path: Path | None, key_file: Path | None) -> _Target:
     max_age = _DEFAULT_MAX_AGE
+    encrypt = True
     if config_path is not None:
         config = load_config(config_path)
         if config.proxy is None:
@@ -69,10 +75,12 @@ def _target(queue_path: Path | None, config_path: Path | None, key_file: Path | 
         if key_file is None and settings.key_file is not None:
             key_file = Path(settings.key_file)
         max_age = settings.max_age
+        encrypt = settings.encrypt
     if queue_path is None:
         raise UsageError("say which queue: --queue PATH, or -c CONFIG")
-    key = load_key(key_file) if key_file is not None else None
-    return _Target(queue_path, key, max_age)
+    if key_file is not None:
+        return _Target(queue_path, load_key(key_file), max_age)
+    return _Target(queue_path, None, max_age, default_key_path(queue_path) if encrypt else None)
 
 
 def _queue_command(
@@ -98,6 +106,7 @@ def _queue_command(
                 max_bytes=_NO_LIMIT,
                 max_age=target.max_age,
                 key=target.key,
+                auto_key=target.auto_key,
                 create=False,  # a mistyped path must not become a new, empty queue
             )
             async with opened as q:
@@ -136,9 +145,10 @@ async def list_entries(
     table = Table("ticket", "seq", "state", "method", "path", "order key", "queued at",
                   "attempts", "upstream", "reason", "size")  # fmt: skip
     for e in entries:
+        reason = e.reason or ("unreadable (not set aside yet)" if e.unreadable else "")
         table.add_row(e.id, str(e.seq), e.state, e.method, e.path, e.order_key,
                       _iso(e.queued_at), str(e.attempts), _text(e.upstream_status),
-                      e.reason or "", str(e.size))  # fmt: skip
+                      reason, str(e.size))  # fmt: skip
     console = Console()
     if not console.is_terminal:
         console.width = 200  # a pipe gets whole lines, not a table squeezed to 80 columns
@@ -162,6 +172,9 @@ async def show(q: DurableQueue, ticket: str, as_json: bool, with_body: bool) -> 
         [k, "<redacted>" if k.lower() in _SECRET_HEADERS else v] for k, v in entry.headers
     ]
     info["upstream_body_bytes"] = len(entry.upstream_body or b"")
+    if entry.unreadable:
+        raw = await q.raw(entry.seq)
+        info["stored_bytes"] = {name: len(blob or b"") for name, blob in raw.items()}
     if with_body:
         info["body_preview"] = _preview(entry.body)
         info["upstream_body_preview"] = _preview(entry.upstream_body or b"")
@@ -214,23 +227,90 @@ async def purge(q: DurableQueue, dead: bool, yes: bool) -> None:
 
 @queue.command("export")
 @click.option("--dead", is_flag=True, help="Export every dead letter.")
+@click.option(
+    "--decrypt",
+    is_flag=True,
+    help="Write the entries' contents in plaintext (citizens' data: keep the output safe).",
+)
 @_queue_command
-async def export(q: DurableQueue, dead: bool) -> None:
-    """Dead letters as JSON lines on stdout, bodies base64-encoded."""
+async def export(q: DurableQueue, dead: bool, decrypt: bool) -> None:
+    """Dead letters as JSON lines on stdout.
+
+    With --decrypt: path, query, headers in plaintext, bodies base64. Without: an encrypted
+    queue's fields as stored (``stored_b64``: sealed, they open only with the queue's key);
+    a plaintext queue is refused, since its export would be plaintext anyway. Entries that
+    cannot be read back always come out as stored."""
     if not dead:
         raise UsageError("say what to export: --dead")
+    if not decrypt and not q.encrypted:
+        raise UsageError(
+            "this queue is not encrypted, so its export is plaintext: add --decrypt to say so"
+        )
     after = 0
     while page := await q.list(state="dead", limit=_EXPORT_PAGE, after_seq=after):
         for e in page:
-            record = _summary(e)
-            record.update(
-                query=e.query,
-                headers=[list(h) for h in e.headers],
-                body_b64=base64.b64encode(e.body).decode(),
-                upstream_body_b64=base64.b64encode(e.upstream_body or b"").decode(),
+            click.echo(
+                json.dumps(await _export_record(q, e, decrypt=decrypt), separators=(",", ":"))
             )
-            click.echo(json.dumps(record, separators=(",", ":")))
         after = page[-1].seq
+
+
+async def _export_record(q: DurableQueue, e: Entry, *, decrypt: bool) -> dict[str, Any]:
+    record = _summary(e)
+    if decrypt and e.unreadable is None:
+        record.update(
+            query=e.query,
+            headers=[list(h) for h in e.headers],
+            body_b64=base64.b64encode(e.body).decode(),
+            upstream_body_b64=base64.b64encode(e.upstream_body or b"").decode(),
+        )
+        return record
+    if not decrypt:
+        record["path"] = None  # sealed with the rest
+    record["sealed"] = q.encrypted
+    record["stored_b64"] = {
+        name: None if blob is None else base64.b64encode(blob).decode()
+        for name, blob in (await q.raw(e.seq)).items()
+    }
+    return record
+
+
+@queue.command("salvage")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Only if SRC's own record of its encryption is unreadable: the key it was sealed with.",
+)
+def salvage(src: Path, dst: Path, key_file: Path | None) -> None:
+    """Copy every entry that can still be read from a damaged queue file SRC, in arrival
+    order, into a new file DST (SRC is only read). Exit 0: all copied; 1: some entries
+    could not be read (listed); 2: bad usage (DST exists, SRC missing or not a queue)."""
+    try:
+        report = salvage_file(src, dst, key=load_key(key_file) if key_file else None)
+    except NetwatchError as exc:
+        raise _click_error(exc) from None
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(report.copied.items()))
+    total = sum(report.copied.values())
+    click.echo(f"copied {total} entries from {src} to {dst}, in arrival order ({counts or 'none'})")
+    for first, last in report.lost:
+        span = f"seq {first} and after" if last is None else f"seq {first}-{last}"
+        click.echo(f"could not read: {span} (damaged pages)")
+    if report.rejected:
+        click.echo(
+            f"read but not valid entries, left out: seq {', '.join(map(str, report.rejected))}"
+        )
+    if report.meta_lost:
+        click.echo(
+            "the queue's encryption record could not be read: DST is "
+            + ("sealed under --key-file" if key_file else "marked plaintext (give --key-file)")
+        )
+    if report.key_copied is not None:
+        click.echo(f"copied the queue key beside it: {report.key_copied}")
+    click.echo(f"next: stop netwatch, put {dst} (and its key) in place of {src}, start netwatch")
+    if not report.complete:
+        raise QueueCommandError("some entries could not be salvaged (see above)")
 
 
 @queue.command("keygen")
@@ -261,6 +341,7 @@ def _summary(e: Entry) -> dict[str, Any]:
         "delivered_at": _iso(e.delivered_at),
         "size": e.size,
         "body_bytes": len(e.body),
+        "unreadable": e.unreadable,
     }
 
 

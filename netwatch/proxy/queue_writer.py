@@ -1,9 +1,17 @@
-"""The queue's SQLite plumbing: schema, connections, and the one group-committing writer.
+"""The queue's one group-committing writer, and the checkpointer that keeps its WAL short.
 
 One thread owns the write connection. It blocks for a job, drains every job submitted
 meanwhile, runs them all in ONE ``BEGIN IMMEDIATE`` transaction (one fsync under
 synchronous=FULL), then resolves each caller's future on its loop. While it fsyncs, new
 jobs pile up and form the next group: the busier the proxy, the bigger the groups.
+
+Checkpoints trigger on the WAL's size, never on the writer idling: SQLite's own
+auto-checkpoint (which runs inside a commit, before its callers hear back) is off; the writer
+runs a PASSIVE checkpoint between groups once the WAL holds ``_CHECKPOINT_FRAMES`` pages.
+
+The writer also knows the file's health: a full disk (cleared by the next commit that
+writes) and a damaged file (for good: from then on it refuses every job without touching
+the file, and skips the closing checkpoint, so the file stays as it was for salvage).
 """
 
 from __future__ import annotations
@@ -13,128 +21,31 @@ import contextlib
 import os
 import queue
 import sqlite3
+import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
-from netwatch.errors import QueueError
+from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError
+from netwatch.proxy.queue_file import BUSY_TIMEOUT_S, translate
 
-SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 5.0  # the CLI and the daemon share the file; neither holds it for long
-_WAL_TRUNCATE_BYTES = 4 * 1024**2  # truncate the WAL when idle and bigger than this
-_WAL_FORCE_BYTES = 64 * 1024**2  # ... or even when busy, past this
-_CHECKPOINT_EVERY = 1000  # commits between idle truncations regardless of size
+_CHECKPOINT_FRAMES = 4000  # a PASSIVE checkpoint once the WAL holds this many pages (16 MiB)
+_WAL_FORCE_BYTES = 64 * 1024**2  # a WAL file grown past this (a reader held it) is truncated
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE entries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order, never reused
-    id TEXT NOT NULL UNIQUE,                 -- the ticket: 128 random bits
-    order_key TEXT NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    query BLOB NOT NULL,                     -- sealed when the queue has a key
-    headers BLOB,                            -- sealed JSON, NULL once delivered
-    body BLOB,                               -- sealed, NULL once delivered
-    idempotency_key TEXT NOT NULL,
-    queued_at REAL NOT NULL,
-    age_from REAL NOT NULL,                  -- max_age counts from here (operator retry resets)
-    state TEXT NOT NULL CHECK (state IN ('queued', 'delivered', 'dead')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    upstream_status INTEGER,
-    upstream_body BLOB,                      -- sealed, capped
-    reason TEXT,
-    delivered_at REAL,
-    size INTEGER NOT NULL                    -- bytes accounted against max_bytes
-);
-CREATE INDEX entries_state_seq ON entries (state, seq);
-CREATE INDEX entries_queued_key ON entries (order_key, seq) WHERE state = 'queued';
-CREATE INDEX entries_queued_age ON entries (age_from) WHERE state = 'queued';
-CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
--- Entries and bytes per state, kept by triggers: O(1) positions, depth and max_bytes checks,
--- right across processes (the CLI purging dead letters frees space the daemon sees at once)
--- and across crashes (they commit with the rows they count).
-CREATE TABLE tally (state TEXT PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
-INSERT INTO tally VALUES ('queued', 0, 0), ('delivered', 0, 0), ('dead', 0, 0);
-CREATE TRIGGER tally_insert AFTER INSERT ON entries BEGIN
-    UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
-END;
-CREATE TRIGGER tally_delete AFTER DELETE ON entries BEGIN
-    UPDATE tally SET entries = entries - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
-END;
-CREATE TRIGGER tally_update AFTER UPDATE OF state, size ON entries BEGIN
-    UPDATE tally SET entries = entries - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
-    UPDATE tally SET entries = entries + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
-END;
-"""
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit.
-    # check_same_thread=False: each connection is used by one thread at a time, but not
-    # always by the thread that opened it (opening runs in a worker thread).
-    return sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-    )
-
-
-def prepare(
-    conn: sqlite3.Connection, path: Path, check: Callable[[sqlite3.Connection], None]
-) -> None:
-    """Switch to WAL, create the schema once (refusing a newer one), then run ``check``
-    (the key check) in the same transaction, so two processes opening a new file agree."""
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
-        raise QueueError(f"{path}: cannot switch the queue to WAL mode ({mode})")
-    conn.execute("PRAGMA synchronous=FULL")
-    with immediate(conn):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise QueueError(
-                f"{path}: queue schema {version} is newer than this netwatch understands "
-                f"({SCHEMA_VERSION}); upgrade netwatch"
-            )
-        if version == 0:
-            for statement in _statements(SCHEMA):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        check(conn)
-
-
-@contextlib.contextmanager
-def immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """One ``BEGIN IMMEDIATE`` transaction: take the write lock up front, so a busy file
-    waits in the busy handler instead of failing half-way through."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _statements(script: str) -> Iterator[str]:
-    # executescript() would COMMIT the caller's transaction first, so split by hand;
-    # complete_statement() knows a trigger's BEGIN ... END is one statement.
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            yield buffer
-            buffer = ""
-
 
 def read_tally(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """(queued entries, dead entries, bytes of queued + dead entries)."""
-    rows = {state: (n, size) for state, n, size in conn.execute("SELECT * FROM tally")}
+    rows = {
+        state.decode() if isinstance(state, bytes) else state: (n, size)
+        for state, n, size in conn.execute("SELECT * FROM tally")
+    }
     return rows["queued"][0], rows["dead"][0], rows["queued"][1] + rows["dead"][1]
 
 
@@ -176,15 +87,24 @@ class GroupWriter:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, *, max_batch: int) -> None:
         self.commits = 0  # transactions committed
-        self.checkpoints = 0  # WAL truncations done
+        self.damaged: str | None = None  # why the file is unusable, for good
+        self.disk_full = False  # the last write failed for want of space
         self._conn = conn
-        self._wal = Path(f"{path}-wal")
+        self._path = path
         self._max_batch = max(1, max_batch)
-        self._since_checkpoint = 0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
+        self.checkpoints = 0  # checkpoints run (PASSIVE past _CHECKPOINT_FRAMES, TRUNCATE)
+        self._wal = Path(f"{path}-wal")
+        self._shm = Path(f"{path}-shm")
         self._thread = threading.Thread(target=self._loop, name="queue-writer", daemon=True)
         self._thread.start()
+
+    def set_damaged(self, error: QueueDamagedError) -> None:
+        """Stop writing to the file (a read found it corrupt, or a write did)."""
+        if self.damaged is None:
+            self.damaged = str(error)
+            log.error("queue_damaged", error=self.damaged)
 
     async def submit(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in the next group; return once its transaction is committed.
@@ -192,6 +112,8 @@ class GroupWriter:
         Cancelling the caller does not cancel the write: once submitted, it commits."""
         if self._closed:
             raise QueueError("the queue is closed")
+        if self.damaged is not None:
+            raise QueueDamagedError(self.damaged)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Job(fn, loop, fut))
@@ -221,46 +143,14 @@ class GroupWriter:
                     break
                 batch.append(job)
             self._commit(batch)
-            try:
-                self._maybe_checkpoint(idle=stop or self._jobs.empty())
-            except (sqlite3.Error, OSError) as exc:  # a missed checkpoint is retried later
-                log.warning("queue checkpoint failed", error=str(exc))
-        with contextlib.suppress(sqlite3.Error):
-            self._checkpoint()
+            self._maybe_checkpoint()
+        if self.damaged is None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
 
     def _commit(self, batch: list[_Job]) -> None:
-        conn = self._conn
-        txn = Txn(conn)
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                # A savepoint per job: one refused entry (queue full) leaves the others of
-                # the group untouched and committed.
-                saved = (txn.queued, txn.used)
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(txn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    txn.queued, txn.used = saved
-                    if isinstance(exc, sqlite3.Error):
-                        exc = QueueError(f"queue write failed: {exc}")
-                    outcomes.append((job, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job, result, None))
-            conn.execute("COMMIT")
-        except Exception as exc:  # the writer must survive anything and answer every caller
-            error = QueueError(f"queue commit failed: {exc}")
-            outcomes = [(job, None, error) for job in batch]
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-        else:
-            self.commits += 1
+        outcomes = self._transact(batch)
         # One wake-up per event loop for the whole group, not one per entry.
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for job, result, err in outcomes:
@@ -270,16 +160,88 @@ class GroupWriter:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve_all, resolved)
 
-    def _maybe_checkpoint(self, *, idle: bool) -> None:
-        # SQLite's own PASSIVE auto-checkpoint recycles the WAL but never shrinks the file;
-        # TRUNCATE does, and costs nobody anything when no caller waits on the writer.
-        self._since_checkpoint += 1
-        wal = file_size(self._wal)
-        due = wal > _WAL_TRUNCATE_BYTES or self._since_checkpoint >= _CHECKPOINT_EVERY
-        if (idle and due) or wal > _WAL_FORCE_BYTES:
-            self._checkpoint()
+    def _transact(self, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        if self.damaged is not None:
+            damaged = QueueDamagedError(self.damaged)
+            return [(job, None, damaged) for job in batch]
+        conn = self._conn
+        txn = Txn(conn)
+        changes = conn.total_changes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            outcomes = [self._run(txn, job) for job in batch]
+            conn.execute("COMMIT")
+        except Exception as exc:  # the writer must survive anything and answer every caller
+            error = self._failed(exc)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return [(job, None, error) for job in batch]
+        self.commits += 1
+        if conn.total_changes != changes:
+            self.disk_full = False  # a page was written: there is room again
+        return outcomes
 
-    def _checkpoint(self) -> None:
+    def _run(self, txn: Txn, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+        # A savepoint per job: one refused entry (queue full) leaves the others of the
+        # group untouched and committed.
+        conn = txn.conn
+        saved = (txn.queued, txn.used)
+        conn.execute("SAVEPOINT job")
+        try:
+            result = job.fn(txn)
+        except sqlite3.Error as exc:
+            error = translate(exc, "queue write failed")
+            if isinstance(error, (QueueDamagedError, QueueDiskFullError)):
+                raise error from exc  # the whole group fails: nothing more goes to the file
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            txn.queued, txn.used = saved
+            return job, None, error
+        except Exception as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            txn.queued, txn.used = saved
+            return job, None, exc
+        conn.execute("RELEASE job")
+        return job, result, None
+
+    def _failed(self, exc: Exception) -> QueueError:
+        if isinstance(exc, sqlite3.Error):
+            error = translate(exc, "queue commit failed")
+        elif isinstance(exc, QueueError):
+            error = exc
+        else:
+            error = QueueError(f"queue commit failed: {exc}")
+        if isinstance(error, QueueDamagedError):
+            self.set_damaged(error)
+        elif isinstance(error, QueueDiskFullError):
+            if not self.disk_full:
+                log.error("queue_disk_full", path=str(self._path))
+            self.disk_full = True
+        return error
+
+    def _maybe_checkpoint(self) -> None:
+        # After the group's callers are answered, not inside their commit (where SQLite's
+        # own auto-checkpoint would run). On WAL size only: once every page is copied back,
+        # the next transaction starts the WAL over from its beginning, so the file keeps
+        # its size and its blocks (no growing file to fsync), and is truncated only if a
+        # long reader made it grow past _WAL_FORCE_BYTES, and at close.
+        if self.damaged is not None:
+            return
+        try:
+            frames = wal_frames(self._shm)
+            if frames is not None and frames >= _CHECKPOINT_FRAMES:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoints += 1
+            elif frames is None or file_size(self._wal) > _WAL_FORCE_BYTES:
+                self._truncate()
+        except (sqlite3.Error, OSError) as exc:  # a missed checkpoint is tried again later
+            log.warning("queue_checkpoint_failed", error=str(exc))
+
+    def _truncate(self) -> None:
+        if file_size(self._wal) <= _WAL_FORCE_BYTES:
+            return
         # No busy wait: a reader (ours, or the CLI's) holding a snapshot must not stall
         # enqueues; a busy checkpoint is simply tried again after a later commit.
         self._conn.execute("PRAGMA busy_timeout = 0")
@@ -289,7 +251,21 @@ class GroupWriter:
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if not busy:
             self.checkpoints += 1
-            self._since_checkpoint = 0
+
+
+def wal_frames(shm: Path) -> int | None:
+    """Pages in the WAL (its ``mxFrame``), or None when the index cannot be read. From the
+    wal-index header in the ``-shm`` file (SQLite's file format, "WAL-index format": byte
+    16, native byte order): far cheaper than asking SQLite through a checkpoint."""
+    try:
+        with shm.open("rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20:
+        return None
+    frames: int = struct.unpack_from("=I", head, 16)[0]
+    return frames
 
 
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]

@@ -10,6 +10,14 @@ Verdicts: 2xx/3xx delivered; 408/425/429/5xx and network errors retried later (j
 exponential backoff, never earlier than the upstream's ``Retry-After``); any other 4xx a
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
+
+Time: pacing runs on the monotonic clock; the times written to the queue file (retry
+waits) come from a ``FileTime``, which a wall clock step does not move (the station shifts
+the file's times by the step, then resyncs it), so a step neither freezes nor rushes a wait.
+
+An entry the queue cannot read back is set aside (``quarantine``: a dead letter, reason
+``unreadable``) instead of sent. An outcome the queue cannot record (disk full) is retried
+as a write, never as a send, and no new send starts until it is recorded: replay pauses.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Literal
 
 import structlog
 
-from netwatch.clock import Clock
+from netwatch.clock import Clock, FileTime
 from netwatch.config.schema import Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.forward import Reply, UpstreamFailure
@@ -38,6 +46,7 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 # A Retry-After is honoured, but not one that would park an entry for more than a day.
 RETRY_AFTER_CAP = 24 * 3600.0
 DEAD_BODY_LIMIT = 64 * 1024
+RECORD_RETRY_MAX = 5.0  # seconds between tries to record an outcome the queue refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +138,10 @@ class Replayer:
         concurrency: int = 32,
         poll: float = 0.25,
         rand: Callable[[], float] = random.random,
+        file_time: FileTime | None = None,
     ) -> None:
         self._queue = queue
+        self._file_time = file_time or FileTime(clock)
         self._send = send
         self._settings = settings
         self._clock = clock
@@ -145,6 +156,7 @@ class Replayer:
         self.bucket = TokenBucket(self.rate, clock.monotonic())
         self._in_flight: set[str] = set()  # order keys
         self._settled: set[str] = set()  # ids settled since the current ready() began
+        self._unrecorded = 0  # attempts whose outcome the queue has not taken yet
         self._wake = asyncio.Event()
 
     def rate(self) -> float:
@@ -169,7 +181,7 @@ class Replayer:
         async with asyncio.TaskGroup() as workers:
             while True:
                 free = self._concurrency - len(self._in_flight)
-                if not self._active() or free <= 0:
+                if not self._active() or free <= 0 or self._unrecorded:
                     await self._nap(self._poll)
                     continue
                 batch = await self._next_batch(free)
@@ -192,7 +204,7 @@ class Replayer:
         self._settled.clear()
         try:
             heads = await self._queue.ready(
-                now=self._clock.now().timestamp(), limit=len(self._in_flight) + free
+                now=self._file_time.now(), limit=len(self._in_flight) + free
             )
         except QueueError:
             log.exception("replay_queue_read_failed")
@@ -215,33 +227,75 @@ class Replayer:
             self._wake.set()
 
     async def _deliver(self, entry: Entry) -> None:
+        if entry.unreadable is not None:
+            await self._queue.quarantine(entry.seq)
+            log.warning("replay_unreadable", ticket=entry.id, seq=entry.seq, why=entry.unreadable)
+            self._on_result(entry, "dead", self._file_time.now())
+            return
         try:
             reply = await self._send(entry)
         except UpstreamFailure as failure:
             self._on_network_error(failure.reason)
             await self._retry(entry, None, None)
             log.info("replay_retry", ticket=entry.id, reason=failure.reason)
-            self._on_result(entry, "retried", self._clock.now().timestamp())
+            self._on_result(entry, "retried", self._file_time.now())
             return
-        now = self._clock.now()
+        now = self._file_time.now()
         verdict = classify(reply.status)
         if verdict == "delivered":
-            await self._queue.mark_delivered(entry.id, status=reply.status, now=now.timestamp())
+            status = reply.status
+            await self._record(
+                entry, lambda: self._queue.mark_delivered(entry.id, status=status, now=now)
+            )
         elif verdict == "retried":
-            await self._retry(entry, reply.status, parse_retry_after(reply.retry_after, now))
+            # An HTTP-date is the upstream's wall clock: compared with ours, not the file's.
+            retry_after = parse_retry_after(reply.retry_after, self._clock.now())
+            await self._retry(entry, reply.status, retry_after)
             log.info("replay_retry", ticket=entry.id, status=reply.status)
         else:
-            await self._queue.mark_dead(
-                entry.id,
-                reason="rejected",
-                status=reply.status,
-                body=reply.body[:DEAD_BODY_LIMIT],
-                now=now.timestamp(),
+            await self._record(
+                entry,
+                lambda: self._queue.mark_dead(
+                    entry.id,
+                    reason="rejected",
+                    status=reply.status,
+                    body=reply.body[:DEAD_BODY_LIMIT],
+                    now=now,
+                ),
             )
             log.warning("replay_rejected", ticket=entry.id, status=reply.status)
-        self._on_result(entry, verdict, now.timestamp())
+        self._on_result(entry, verdict, now)
 
     async def _retry(self, entry: Entry, status: int | None, retry_after: float | None) -> None:
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         delay = self.backoff.delay(entry.attempts + 1, retry_after=retry_after, rand=self._rand)
-        await self._queue.mark_retry(entry.id, status=status, next_attempt_at=now + delay, now=now)
+        await self._record(
+            entry,
+            lambda: self._queue.mark_retry(
+                entry.id, status=status, next_attempt_at=now + delay, now=now
+            ),
+        )
+
+    async def _record(self, entry: Entry, write: Callable[[], Awaitable[None]]) -> None:
+        """Record a sent entry's outcome. If the queue refuses (disk full), the entry must
+        not look unsent: it keeps its order key busy, no new send starts, and the same
+        write is tried again until the queue takes it."""
+        try:
+            await write()
+        except QueueError as exc:
+            error = str(exc)
+        else:
+            return
+        self._unrecorded += 1
+        log.error("replay_paused", ticket=entry.id, error=error)
+        delay = self._poll
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RECORD_RETRY_MAX)
+                with contextlib.suppress(QueueError):
+                    await write()
+                    log.info("replay_resumed", ticket=entry.id)
+                    return
+        finally:
+            self._unrecorded -= 1
