@@ -67,6 +67,7 @@ bench: deps venv
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/mqtt_latency.py
+	$(BIN)/python bench/city.py
 
 install:
 	PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" UNITDIR="$(UNITDIR)" BINDIR="$(BINDIR)" \

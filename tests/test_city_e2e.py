@@ -86,13 +86,13 @@ async def rules_store(kind: str, tmp_path: Path) -> AsyncIterator[Proc]:
 @asynccontextmanager
 async def city_central(
     tmp_path: Path, sim: CitySim, kind: str = "prometheus"
-) -> AsyncIterator[tuple[Proc, Api]]:
+) -> AsyncIterator[tuple[Proc, Proc, Api]]:
     async with (
         rules_store(kind, tmp_path) as central,
-        run_agent(tmp_path / "agent", sim.targets, f"{central.url}/api/v1/write", SCRAPE),
+        run_agent(tmp_path / "agent", sim.targets, f"{central.url}/api/v1/write", SCRAPE) as agent,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
     ):
-        yield central, Api(session)
+        yield central, agent, Api(session)
 
 
 @pytest.mark.parametrize("kind", ["prometheus", pytest.param("victoria-metrics", marks=needs_vm)])
@@ -103,7 +103,7 @@ async def test_city_alerts_fire_centrally_from_agents_remote_write(
     patience = 60 if kind == "prometheus" else 120
     async with (
         CitySim(city, per_shard=10) as sim,
-        city_central(tmp_path, sim, kind) as (central, api),
+        city_central(tmp_path, sim, kind) as (central, agent, api),
     ):
 
         async def known() -> bool:
@@ -126,7 +126,7 @@ async def test_city_alerts_fire_centrally_from_agents_remote_write(
 
         # A positive sign the rules run and see a healthy city: the DB ratio is recorded as 0.
         ratio = await wait_until(
-            lambda: api.query(central.url, "netwatch:city_db_down:ratio"), 30, 0.5
+            lambda: api.query(central.url, "netwatch:city_db_down:ratio"), patience, 0.5
         )
         assert ratio[0]["value"][1] == "0"
         assert await broad() == set()
@@ -176,6 +176,9 @@ async def test_city_alerts_fire_centrally_from_agents_remote_write(
         assert not errors, "\n".join(errors)
         assert empty <= {"Sites seeing the database slow"}, empty
         assert len(panels) >= 12
+        # The store refused nothing the agent sent (a refused batch is dropped whole).
+        failed = await agent_counter(api, agent.url, "prometheus_remote_storage_samples_failed")
+        assert failed == 0
 
 
 def city_view_queries() -> list[tuple[str, str]]:
@@ -242,7 +245,10 @@ async def agent_counter(api: Api, url: str, name: str) -> float:
 async def store(kind: str, tmp_path: Path) -> AsyncIterator[Proc]:
     if kind == "prometheus":
         async with run_prometheus(
-            tmp_path / "central", {"global": {}}, args=CENTRAL_ARGS, name="central"
+            tmp_path / "central",
+            central_config([], GAP_SCRAPE, None),
+            args=CENTRAL_ARGS,
+            name="central",
         ) as proc:
             yield proc
     else:

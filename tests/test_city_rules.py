@@ -23,17 +23,18 @@ from helpers.city import (
     RULES,
     Alert,
     Scenario,
-    _annotations,
     alert_labels,
     committed_file,
     make_city,
     promtool_file,
+    rule_annotations,
     scenarios,
 )
 from helpers.city_stack import (
     ALERTMANAGER_BIN,
     Api,
     alertmanager_config,
+    duration_seconds,
     run_alertmanager,
     run_webhook,
 )
@@ -143,7 +144,13 @@ def test_thresholds_are_recording_rule_constants() -> None:
 
 # --- a real Alertmanager --------------------------------------------------------------------
 
-CANARY = {"alertname": "NetwatchDeadLetters", "site": "canary-site", "severity": "warning"}
+# An unrelated site alert that nothing inhibits, on the site route (the longest group_wait).
+CANARY = {
+    "alertname": "NetwatchCanary",
+    "scope": "site",
+    "site": "canary-site",
+    "severity": "warning",
+}
 
 
 def am_alert(alert: Alert, rules: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
@@ -164,7 +171,7 @@ def key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
 async def test_alertmanager_leaves_only_the_broad_alert_and_notifies_once(
     scenario: Scenario, tmp_path: Path
 ) -> None:
-    rules = _annotations()
+    rules = rule_annotations()
     firing = scenario.expected | scenario.steady
     now = datetime.now(UTC).isoformat()
     alerts = [am_alert(a, rules, now) for a in sorted(firing, key=lambda a: (a.name, a.labels))]
@@ -181,12 +188,15 @@ async def test_alertmanager_leaves_only_the_broad_alert_and_notifies_once(
 
         # The canary is an unrelated site alert with the site route's (longest) group_wait:
         # once it is notified, any narrow alert that was not inhibited would have been too.
-        await wait_until(lambda: notified("NetwatchDeadLetters"), 60, 0.1, "canary notified")
+        routes = alertmanager_config(hook.url)["route"]["routes"]
+        waits = {r["matchers"][0]: duration_seconds(r["group_wait"]) for r in routes}
+        assert max(waits.values()) == waits['scope="site"'] == 60
+        await wait_until(lambda: notified("NetwatchCanary"), 60, 0.1, "canary notified")
 
         uninhibited = {
             key(a["labels"])
             for a in await api.am_alerts(am.url, inhibited=False)
-            if a["labels"]["alertname"] != "NetwatchDeadLetters"
+            if a["labels"]["alertname"] != "NetwatchCanary"
         }
         broad = {
             key({"alertname": a.name, **dict(a.labels)}) for a in firing if a.name in scenario.broad
@@ -196,9 +206,7 @@ async def test_alertmanager_leaves_only_the_broad_alert_and_notifies_once(
         assert len(inhibited) == len(firing) + 1  # all of them are there, just inhibited
 
         pages = [
-            b
-            for _, b in hook.received
-            if b["commonLabels"].get("alertname") != "NetwatchDeadLetters"
+            b for _, b in hook.received if b["commonLabels"].get("alertname") != "NetwatchCanary"
         ]
         assert len(pages) == scenario.incidents, [b["groupLabels"] for b in pages]
         for body in pages:

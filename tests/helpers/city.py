@@ -329,7 +329,7 @@ def site_series(site: Site, fault: Fault | None, start: int, stop: int | None) -
     return {name: _series_values(values) for name, values in out.items()}
 
 
-def _annotations() -> dict[str, dict[str, str]]:
+def rule_annotations() -> dict[str, dict[str, str]]:
     out = {}
     for name in ("alerts.yml", "city.yml"):
         for group in yaml.safe_load((RULES / name).read_text(encoding="utf-8"))["groups"]:
@@ -388,7 +388,7 @@ def expected_alert(alert: Alert, rules: dict[str, dict[str, Any]]) -> dict[str, 
 
 def promtool_test(city: Sequence[Site], scenario: Scenario) -> dict[str, Any]:
     """One promtool test case: the city's series under this scenario, the exact alerts."""
-    rules = _annotations()
+    rules = rule_annotations()
     stop = FAULT_AT + int(scenario.duration) if scenario.duration else None
     series: dict[str, str] = {}
     for site in city:

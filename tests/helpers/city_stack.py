@@ -180,7 +180,7 @@ def alertmanager_config(webhook_url: str, scale: float = 1.0) -> dict[str, Any]:
     def scaled(route: dict[str, Any]) -> None:
         for key in ("group_wait", "group_interval"):
             if key in route:
-                route[key] = f"{max(1, round(_seconds(route[key]) * scale * 1000))}ms"
+                route[key] = f"{max(1, round(duration_seconds(route[key]) * scale * 1000))}ms"
         for child in route.get("routes", []):
             scaled(child)
 
@@ -188,7 +188,7 @@ def alertmanager_config(webhook_url: str, scale: float = 1.0) -> dict[str, Any]:
     return config
 
 
-def _seconds(text: str) -> float:
+def duration_seconds(text: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     for unit in ("ms", "s", "m", "h"):
         if text.endswith(unit):
@@ -312,7 +312,13 @@ def agent_config(
                 "static_configs": [
                     {
                         "targets": [host],
-                        "labels": {"__metrics_path__": path, **({"site": site} if site else {})},
+                        # One host:port serves every shard: without its own instance
+                        # label each target's up / scrape_* series would collide.
+                        "labels": {
+                            "__metrics_path__": path,
+                            "instance": f"{host}{path}",
+                            **({"site": site} if site else {}),
+                        },
                     }
                     for host, path, site in targets
                 ],
@@ -361,9 +367,14 @@ async def run_agent(
 
 
 def central_config(rule_files: list[Path], evaluation: float, am_url: str | None) -> dict[str, Any]:
+    """The central Prometheus: the rules, and the shipped storage settings (the out-of-order
+    window: without it one late sample makes Prometheus refuse a whole remote-write batch,
+    and the agent drops it)."""
+    shipped = yaml.safe_load((ROOT / "config" / "prometheus" / "prometheus.yml").read_text())
     config: dict[str, Any] = {
         "global": {"evaluation_interval": _ms(evaluation)},
         "rule_files": [str(p) for p in rule_files],
+        "storage": shipped["storage"],
     }
     if am_url:
         host = am_url.removeprefix("http://")
