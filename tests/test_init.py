@@ -126,6 +126,18 @@ def test_a_misspelt_unit_key_fails_the_verification(tmp_path: Path) -> None:
         verify_unit(unit)
 
 
+def test_init_where_it_cannot_write_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    args = init_args(tmp_path)
+    args[args.index("-c") + 1] = str(blocker / "netwatch.yaml")
+    done = netwatch(*args)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"netwatch: error: {blocker}/netwatch.yaml: cannot write: {blocker} is not a directory"
+    ]
+
+
 def test_unit_is_hardened() -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
