@@ -828,8 +828,214 @@ def stations() -> Json:
     )
 
 
+# --- city view: where is the fault? (config/prometheus/rules/city.yml) ----------------------
+
+SCOPE_CODES = {"none": 0, "site": 1, "district": 2, "isp": 3, "national": 4}
+SCOPE_COLORS = {"none": "green", "site": "yellow", "district": "orange", "isp": "red"}
+SCOPE_MAPPINGS = [
+    {
+        "type": "value",
+        "options": {
+            str(code): {"text": name, "color": SCOPE_COLORS.get(name, "dark-red"), "index": code}
+            for name, code in SCOPE_CODES.items()
+        },
+    }
+]
+# The broadest scope the city rules see now: 4 national, 3 ISP, 2 district, 1 site, 0 none.
+CITY_SCOPE = (
+    "max(netwatch:city_db_outage:bool) * 4 > 0"
+    " or max(isp:netwatch_city_outage:bool) * 3 > 0"
+    " or max(district:netwatch_city_outage:bool) * 2 > 0"
+    " or max(site:netwatch_city_cut:bool) > 0"
+    " or vector(0)"
+)
+DOMAIN_CODES = {"none": 0, "lan": 1, "isp": 2, "core": 3, "service": 4, "silent": 5}
+DOMAIN_COLORS = ["green", "purple", "orange", "red", "dark-red", "gray"]
+DOMAIN_MAPPINGS = [
+    {
+        "type": "value",
+        "options": {
+            str(code): {"text": name, "color": DOMAIN_COLORS[code], "index": code}
+            for name, code in DOMAIN_CODES.items()
+        },
+    }
+]
+# Per site: where along its path the fault is (netwatch_site_fault), or "silent" when the
+# site stopped reporting (then it cannot say where).
+SITE_DOMAIN = (
+    f"(max by (site) (site:netwatch_city_silent:bool{{{SITE}}} == 1) * 5) or "
+    + state_code(
+        "netwatch_site_fault",
+        "domain",
+        "site",
+        SITE,
+        {k: v for k, v in DOMAIN_CODES.items() if k != "silent"},
+    )
+)
+CITY_ALERT_SCOPES = 'ALERTS{alertstate="firing", scope=~"national|isp|district|site"}'
+
+
+def share_bars(title: str, expr: str, label: str) -> Json:
+    """A horizontal bar per group (ISP, district): the share of its sites cut off."""
+    return panel(
+        "bargauge",
+        title,
+        [q(expr, "{{" + label + "}}", instant=True)],
+        w=8,
+        h=8,
+        unit="percentunit",
+        defaults={
+            "min": 0,
+            "max": 1,
+            "thresholds": thresholds((None, "green"), (0.2, "yellow"), (0.5, "red")),
+        },
+        options={"orientation": "horizontal", "displayMode": "gradient"},
+    )
+
+
+def city_view() -> Json:
+    site_link = [{"title": "Site detail", "url": SITE_LINK}]
+    latency = "site:netwatch_city_service_latency_seconds:mean1m"
+    overlay = timeseries(
+        "Population database latency across sites, peak hours shaded",
+        [
+            q(f"quantile(0.5, {latency}{{{SITE}}})", "p50 of sites"),
+            q(f"quantile(0.95, {latency}{{{SITE}}})", "p95 of sites"),
+            q("netwatch:city_peak_hours:ratio", "peak hours"),
+        ],
+        unit="s",
+        description="Mean service-probe round trip per site over 1m, across sites. The shaded "
+        "band is the share of sites inside their peak hours: a brownout at 9:00 shows here.",
+    )
+    overlay["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byName", "options": "peak hours"},
+            "properties": [
+                {"id": "unit", "value": "percentunit"},
+                {"id": "min", "value": 0},
+                {"id": "max", "value": 1},
+                {"id": "custom.axisPlacement", "value": "right"},
+                {"id": "custom.drawStyle", "value": "bars"},
+                {"id": "custom.fillOpacity", "value": 15},
+                {"id": "color", "value": {"mode": "fixed", "fixedColor": "yellow"}},
+            ],
+        }
+    ]
+    grid = panel(
+        "stat",
+        "Sites by fault domain (every site, one tile)",
+        [q(SITE_DOMAIN, "{{site}}", instant=True)],
+        w=24,
+        h=12,
+        links=site_link,
+        description="One tile per site, coloured by where along its path the fault is: lan, "
+        "isp, core, service (netwatch_site_fault), or silent (stopped reporting). Fits 300 "
+        "sites; hover or click for the site.",
+        defaults={"mappings": DOMAIN_MAPPINGS, "color": {"mode": "thresholds"}},
+        options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "background",
+            "graphMode": "none",
+            "textMode": "name",
+            "orientation": "horizontal",
+            "justifyMode": "center",
+            "text": {"titleSize": 8},
+        },
+    )
+    return dashboard(
+        "netwatch-city-view",
+        "netwatch / City view: where is the fault?",
+        [
+            stat(
+                "Scope of the current incident",
+                CITY_SCOPE,
+                w=6,
+                defaults={"mappings": SCOPE_MAPPINGS, "color": {"mode": "thresholds"}},
+                description="The broadest verdict of the city rules: national (the population "
+                "database), an ISP, a district, single sites, or none.",
+            ),
+            stat(
+                "Sites cut off",
+                f"sum(site:netwatch_city_cut:bool{{{SITE}}}) or vector(0)",
+                color=ZERO_GOOD,
+            ),
+            stat(
+                "Sites silent",
+                f"sum(site:netwatch_city_silent:bool{{{SITE}}}) or vector(0)",
+                color=ZERO_GOOD,
+            ),
+            stat(
+                "Reporting sites that see the database down",
+                "netwatch:city_db_down:ratio",
+                unit="percentunit",
+                color=thresholds((None, "green"), (0.1, "yellow"), (0.5, "red")),
+            ),
+            stat(
+                "Sites seeing the database slow",
+                "netwatch:city_slow:ratio",
+                unit="percentunit",
+                w=4,
+                color=thresholds((None, "green"), (0.2, "yellow"), (0.5, "red")),
+            ),
+            table(
+                "Current incidents (city alerts firing)",
+                [q(f"max by (alertname, scope, isp, district, site) ({CITY_ALERT_SCOPES})")],
+                w=12,
+                h=8,
+                links=site_link,
+                transformations=[hide_time()],
+                description="Alertmanager inhibits the narrow ones a broad alert explains; "
+                "this table lists them all, broadest first when sorted by scope.",
+            ),
+            state_timeline(
+                "Incident timeline: city verdict, ISPs, districts",
+                CITY_SCOPE,
+                "city verdict",
+                SCOPE_MAPPINGS,
+                w=12,
+                h=8,
+            ),
+            grid,
+            share_bars("Cut-off share by ISP", "isp:netwatch_city_cut:ratio", "isp"),
+            share_bars("Cut-off share by district", "district:netwatch_city_cut:ratio", "district"),
+            table(
+                "Sites cut off now",
+                [
+                    q(
+                        f"max by (site, district, isp) (site:netwatch_city_cut:reason{{{SITE}}})",
+                    )
+                ],
+                w=8,
+                h=8,
+                links=site_link,
+                defaults={
+                    "mappings": [
+                        {
+                            "type": "value",
+                            "options": {
+                                "1": {"text": "service down", "color": "red", "index": 0},
+                                "2": {"text": "silent", "color": "gray", "index": 1},
+                            },
+                        }
+                    ]
+                },
+                transformations=[hide_time()],
+            ),
+            overlay,
+            timeseries(
+                "Sites cut off, by ISP",
+                [q("isp:netwatch_city_cut:count", "{{isp}}")],
+                stacked=True,
+                description="Cut sites each ISP's outage would explain (after the national "
+                "verdict): one ISP rising alone is an ISP outage.",
+            ),
+        ],
+    )
+
+
 DASHBOARDS = {
     "city-overview.json": city_overview,
+    "city-view.json": city_view,
     "site-detail.json": site_detail,
     "stations.json": stations,
 }

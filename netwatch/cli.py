@@ -103,7 +103,9 @@ def check_config(path: Path, skip_files: bool) -> None:
 
 @cli.command()
 @click.argument(
-    "probe_type", metavar="TYPE", type=click.Choice(["icmp", "tcp", "http", "dns", "tls"])
+    "probe_type",
+    metavar="TYPE",
+    type=click.Choice(["icmp", "tcp", "http", "dns", "tls", "path"]),
 )
 @click.argument("target")
 @click.option("--timeout", default="2s", show_default=True, help="Probe timeout (e.g. 500ms, 2s).")
@@ -114,6 +116,15 @@ def check_config(path: Path, skip_files: bool) -> None:
 @click.option("--record", default="A", type=click.Choice(["A", "AAAA"]), help="dns: record type.")
 @click.option("--server", default=None, help="dns: nameserver host[:port].")
 @click.option("--expect", multiple=True, help="dns: expected address (repeat).")
+@click.option("--rounds", default=3, show_default=True, help="path: probes per hop.")
+@click.option("--max-hops", default=30, show_default=True, help="path: the longest path traced.")
+@click.option(
+    "--protocol",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "icmp", "udp"]),
+    help="path: icmp (root) or udp; auto picks icmp as root.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def probe(
     probe_type: str,
@@ -126,9 +137,13 @@ def probe(
     record: str,
     server: str | None,
     expect: tuple[str, ...],
+    rounds: int,
+    max_hops: int,
+    protocol: str,
     as_json: bool,
 ) -> None:
-    """Run one probe now: icmp HOST, tcp HOST:PORT, http URL, dns NAME, tls HOST[:PORT]."""
+    """Run one probe now: icmp HOST, tcp HOST:PORT, http URL, dns NAME, tls HOST[:PORT],
+    path HOST (an mtr-style trace)."""
     from netwatch.oneshot import probe_params, render_result, run_probe
 
     params = probe_params(
@@ -141,6 +156,9 @@ def probe(
         record=record,
         server=server,
         expect=expect,
+        rounds=rounds,
+        max_hops=max_hops,
+        protocol=protocol,
     )
     result = run_probe(probe_type, params, timeout)
     if as_json:

@@ -24,8 +24,10 @@ from netwatch import __version__
 from netwatch.clock import Clock, SystemClock
 from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
-from netwatch.events import EventHub, LinkChanged
+from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
+from netwatch.monitor import fault
 from netwatch.monitor.api import build_app, serve
+from netwatch.monitor.city import CityCollector, SiteFault
 from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule
@@ -72,6 +74,13 @@ class Daemon:
         )
         self.time_series = TimeCollector(config.site.id, self.is_peak, self.monitor.outage_totals)
         self.registry.register(self.time_series)
+        self.fault = SiteFault(lambda: self.monitor.targets, self.clock.now)
+        self.fault.add_listener(self._fault_changed)
+        self.monitor.add_listener(self.fault.refresh)
+        if role == "site":
+            self.registry.register(
+                CityCollector(lambda: self.config, lambda: self.monitor.targets, self.fault)
+            )
         self.extras = Extras(self)
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -80,11 +89,24 @@ class Daemon:
     def is_peak(self) -> bool:
         return self.monitor.schedule.is_peak(self.clock.now())
 
+    def fault_event(self) -> SiteFaultChanged:
+        """The site's current fault verdict as an event (MQTT ``status`` carries it)."""
+        status = self.fault.status
+        verdict = status.verdict
+        return SiteFaultChanged(
+            self.config.site.id, verdict.fault.value, status.since, verdict.reason
+        )
+
+    def _fault_changed(self, _: fault.FaultStatus) -> None:
+        self.hub.publish(self.fault_event())
+
     def status(self) -> dict[str, Any]:
         """What ``GET /api/v1/status`` and ``netwatch status`` show."""
         site = self.config.site
+        labels = {"district": site.district, "isp": site.isp, "uplink": site.uplink}
         return {
-            "site": {"id": site.id, "name": site.name, "timezone": site.timezone},
+            "site": {"id": site.id, "name": site.name, "timezone": site.timezone, **labels},
+            "fault": self.fault.view(),
             "version": __version__,
             "role": self.role,
             "peak": self.is_peak(),
@@ -172,6 +194,7 @@ class Daemon:
         diff = self.monitor.reload(new)
         self.extras.reload(new)
         self.config = self.monitor.config
+        self.fault.refresh()
         log.info("config_reloaded", **{k: v for k, v in diff.items() if v})
         return True
 

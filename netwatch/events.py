@@ -49,7 +49,17 @@ class QueueStats:
     dead: int
 
 
-Event = LinkChanged | ModeChanged | QueueStats
+@dataclass(frozen=True, slots=True)
+class SiteFaultChanged:
+    """Where along the site's path the fault is changed (``netwatch.monitor.fault``)."""
+
+    site: str
+    fault: str
+    since: datetime
+    reason: str
+
+
+Event = LinkChanged | ModeChanged | QueueStats | SiteFaultChanged
 
 
 class EventHub:

@@ -16,7 +16,9 @@ from rich.table import Table
 import probes
 from netwatch.config.schema import parse_duration
 from netwatch.errors import DaemonError, UsageError
+from netwatch.pathcmd import path_line, render_path
 from probes import ProbeResult
+from probes.path import PathProbe
 
 _SECONDS_DETAILS = frozenset({"min", "avg", "max", "jitter", "resolve"})
 _STATE_STYLE = {"up": "green", "degraded": "yellow", "down": "bold red", "unknown": "dim"}
@@ -43,10 +45,15 @@ def probe_params(
     record: str,
     server: str | None,
     expect: tuple[str, ...],
+    rounds: int = 3,
+    max_hops: int = 30,
+    protocol: str = "auto",
 ) -> dict[str, Any]:
     """Turn the command line into the probe's keyword parameters."""
     if probe_type == "icmp":
         return {"host": target, "count": count}
+    if probe_type == "path":
+        return {"host": target, "rounds": rounds, "max_hops": max_hops, "protocol": protocol}
     if probe_type == "tcp":
         host, port = _host_port(target, None)
         return {"host": host, "port": port}
@@ -75,6 +82,9 @@ def run_probe(probe_type: str, params: dict[str, Any], timeout: str) -> ProbeRes
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
+    if isinstance(probe, PathProbe):
+        seconds = probe.budget(seconds)  # the timeout is each answer's, not the trace's
+
     async def once() -> ProbeResult:
         try:
             return await probe.run(seconds)
@@ -93,6 +103,9 @@ def _ms(seconds: float | None) -> str:
 
 def render_result(result: ProbeResult, console: Console | None = None) -> None:
     console = console or Console()
+    if result.type == "path":
+        render_path(result, console)
+        return
     verdict = "[green]ok[/]" if result.success else f"[bold red]failed[/] ({result.error})"
     console.print(f"{result.type} {result.target}: {verdict}  latency {_ms(result.latency)}")
     if result.message:
@@ -189,12 +202,14 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             "[bold]station proxy[/]  guard: "
             + (", ".join(f"{name} {state}" for name, state in guards.items()) or "none")
         )
+    _render_fault(console, data)
     if not data.get("targets"):
         _render_proxy(console, data)
         return
     table = Table(
         "target",
         "type",
+        "role",
         "state",
         "since",
         "latency",
@@ -210,6 +225,7 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(
             t.get("name"),
             t.get("type"),
+            t.get("role", "service"),
             f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
             _local(t.get("since"), zone),
             "-" if last.get("latency_ms") is None else f"{last['latency_ms']:.1f} ms",
@@ -217,7 +233,28 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             last.get("error") or "",
         )
     console.print(table)
+    for t in data.get("targets", []):
+        if t.get("path"):
+            console.print(path_line(t.get("name", "?"), t["path"]))
     _render_proxy(console, data)
+
+
+def _render_fault(console: Console, data: dict[str, Any]) -> None:
+    site = data.get("site", {})
+    labels = [f"{k} {site[k]}" for k in ("district", "isp", "uplink") if site.get(k)]
+    if labels:
+        console.print("  " + " · ".join(labels))
+    fault = data.get("fault")
+    if not fault:
+        return
+    domain = fault.get("domain", "none")
+    style = "green" if domain == "none" else "bold red"
+    line = f"fault [{style}]{domain}[/] since {(fault.get('since') or '-')[:19]}"
+    if domain != "none":
+        line += f" ({fault.get('reason', '')})"
+    if fault.get("degraded", "none") not in ("none", domain):
+        line += f"  degraded: {fault['degraded']}"
+    console.print(line)
 
 
 def _render_proxy(console: Console, data: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import structlog
 
 from netwatch import __version__
 from netwatch.alerting.alerts import AlertEvent, AlertPolicy, AlertState
-from netwatch.events import LinkChanged, ModeChanged, QueueStats
+from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 from netwatch.proxy import mode as machine
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ class Host(Protocol):
     def is_peak(self) -> bool: ...
 
     def link_listener(self, callback: Callable[[LinkChanged], None]) -> None: ...
+
+    def fault_event(self) -> SiteFaultChanged: ...
 
 
 class SiteMode:
@@ -130,8 +132,14 @@ class Extras:
             from netwatch.mqtt.bridge import MqttBridge
 
             self.bridge = MqttBridge(
-                config.mqtt, site, __version__, daemon.registry, on_mode_command=self.command
+                config.mqtt,
+                site,
+                __version__,
+                daemon.registry,
+                on_mode_command=self.command,
+                labels={"district": config.site.district, "isp": config.site.isp},
             )
+            self.bridge.publish_fault(daemon.fault_event())
         elif config.mqtt is not None:
             from netwatch.mqtt.follower import MqttModeFollower
 
@@ -249,6 +257,9 @@ class Extras:
             elif isinstance(event, ModeChanged):
                 if self.bridge is not None:
                     self.bridge.publish_mode(event)
+            elif isinstance(event, SiteFaultChanged):
+                if self.bridge is not None:
+                    self.bridge.publish_fault(event)
             elif isinstance(event, QueueStats):
                 if self.bridge is not None:
                     self.bridge.publish_queue(event)

@@ -109,6 +109,7 @@ def registry() -> dict[str, ProbeFactory]:
     from probes.dns import DnsProbe
     from probes.http import HttpProbe
     from probes.icmp import IcmpProbe
+    from probes.path import PathProbe
     from probes.tcp import TcpProbe
     from probes.tls import TlsProbe
 
@@ -118,10 +119,11 @@ def registry() -> dict[str, ProbeFactory]:
         "http": HttpProbe,
         "dns": DnsProbe,
         "tls": TlsProbe,
+        "path": PathProbe,
     }
 
 
-PROBE_TYPES = ("icmp", "tcp", "http", "dns", "tls")
+PROBE_TYPES = ("icmp", "tcp", "http", "dns", "tls", "path")
 
 
 def create(probe_type: str, **params: Any) -> Probe:

@@ -19,6 +19,7 @@ from netwatch.config.schema import (
     DnsTarget,
     HttpTarget,
     IcmpTarget,
+    PathTarget,
     TcpTarget,
     TlsTarget,
     load_config,
@@ -57,7 +58,7 @@ def load(text: str, env: Mapping[str, str] | None = None) -> Config:
 def test_example_config_is_valid_and_has_every_target_type() -> None:
     config = load_config(EXAMPLE, env={})
     types = {type(t) for t in config.targets}
-    assert types == {IcmpTarget, TcpTarget, HttpTarget, DnsTarget, TlsTarget}
+    assert types == {IcmpTarget, TcpTarget, HttpTarget, DnsTarget, TlsTarget, PathTarget}
     assert config.mqtt is not None
     assert config.proxy is not None
     assert config.proxy.guard == ("popdb-api", "popdb-tcp")
@@ -102,7 +103,7 @@ def test_example_config_sets_every_key_of_every_section() -> None:
     models: set[type[BaseModel]] = set()
     _all_models(Config, models)
     # Keys common to every target type need documenting once, on any target.
-    targets = (IcmpTarget, TcpTarget, HttpTarget, DnsTarget, TlsTarget)
+    targets = (IcmpTarget, TcpTarget, HttpTarget, DnsTarget, TlsTarget, PathTarget)
     common = set.intersection(*(set(t.model_fields) for t in targets)) - {"type"}
     seen_on_targets = set.union(*(seen.get(t, set()) for t in targets))
     missing = {
@@ -263,7 +264,8 @@ def test_unknown_key_is_reported_at_its_line_with_a_suggestion(problems: Problem
         ),
         (
             "targets: [{name: a, type: ping, host: h}]",
-            "targets[0].type: unknown type 'ping' (use one of 'icmp', 'tcp', 'http', 'dns', 'tls')",
+            "targets[0].type: unknown type 'ping' "
+            "(use one of 'icmp', 'tcp', 'http', 'dns', 'tls', 'path')",
         ),
         ("targets: [{name: a, host: h}]", "targets[0].type: missing required key"),
         ("targets: {name: a}", "targets: expected a list, got a mapping"),
@@ -493,7 +495,7 @@ def test_check_config_accepts_the_example() -> None:
     # Its CA and certificate paths are a site's, not this machine's.
     result = _check_config(EXAMPLE, "--skip-files")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{EXAMPLE}: ok (6 targets")
+    assert result.stdout.startswith(f"{EXAMPLE}: ok (7 targets")
     assert result.stderr == ""
 
 

@@ -190,6 +190,11 @@ async def test_last_will_marks_the_site_offline_when_the_bridge_is_sigkilled(
             "version": "test",
             "since": online["since"],
             "reason": "connection lost",
+            # City view: offline, the site cannot tell where its fault is.
+            "fault": None,
+            "fault_since": None,
+            "district": "",
+            "isp": "",
         }
         async with subscriber(broker, f"{P}/status") as fresh:  # and it is retained
             got = await receive(fresh, bool)

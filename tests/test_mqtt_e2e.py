@@ -195,6 +195,11 @@ async def test_sigkill_makes_the_broker_publish_the_last_will(
             "version": __version__,
             "since": online["since"],
             "reason": "connection lost",
+            # City view: the site's labels; offline it cannot tell where its fault is.
+            "fault": None,
+            "fault_since": None,
+            "district": "",
+            "isp": "",
         }
         async with watch(broker, f"{P}/status") as fresh:  # and it stays, retained
             await fresh.wait_for(lambda: fresh.received, 5, "retained status")

@@ -56,8 +56,17 @@ GAUGES_AND_COUNTERS = {
     "netwatch_mqtt_published_total",
     "netwatch_mqtt_dropped_total",
     "netwatch_webhook_total",
+    # contract, "City view"
+    "netwatch_site_info",
+    "netwatch_target_info",
+    "netwatch_site_fault",
+    "netwatch_path_hop_rtt_seconds",
+    "netwatch_path_hop_loss_ratio",
+    "netwatch_path_hops",
+    "netwatch_path_reached",
     # Prometheus' own
     "up",
+    "ALERTS",
 }
 HISTOGRAMS = {
     "netwatch_probe_duration_seconds",
@@ -74,7 +83,21 @@ ALERTS = {
     "NetwatchDeadLetters",
     "NetwatchSchedulerLag",
     "NetwatchTLSCertExpiring",
+    # config/prometheus/rules/city.yml
+    "NetwatchSiteIsolated",
+    "NetwatchISPOutage",
+    "NetwatchDistrictOutage",
+    "NetwatchPopulationDBOutage",
+    "NetwatchPopulationDBSlow",
 }
+CITY_ALERTS = {
+    "NetwatchSiteIsolated",
+    "NetwatchISPOutage",
+    "NetwatchDistrictOutage",
+    "NetwatchPopulationDBOutage",
+    "NetwatchPopulationDBSlow",
+}
+RULE_FILES = ("recording.yml", "alerts.yml", "city.yml")
 PER_TARGET_ALERTS = {
     "NetwatchLinkDown",
     "NetwatchLinkDegradedPeak",
@@ -129,7 +152,7 @@ def dashboard_exprs() -> list[tuple[str, str, str]]:
 def rules() -> list[dict[str, Any]]:
     return [
         rule
-        for name in ("recording.yml", "alerts.yml")
+        for name in RULE_FILES
         for group in _load_yaml(RULES / name)["groups"]
         for rule in group["rules"]
     ]
@@ -170,7 +193,7 @@ def known_metric(name: str) -> bool:
 def test_prometheus_config_and_its_rule_files_check() -> None:
     result = _run(_tool("promtool"), "check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 rule files found" in result.stdout
+    assert f"{len(RULE_FILES)} rule files found" in result.stdout
 
 
 def test_agent_config_checks_in_agent_mode() -> None:
@@ -188,7 +211,7 @@ def test_file_sd_targets_label_every_site() -> None:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", group["labels"]["site"])
 
 
-@pytest.mark.parametrize("name", ["recording.yml", "alerts.yml"])
+@pytest.mark.parametrize("name", RULE_FILES)
 def test_rule_files_check(name: str) -> None:
     result = _run(_tool("promtool"), "check", "rules", str(RULES / name))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -257,13 +280,36 @@ def test_alertmanager_config_checks() -> None:
 def test_alertmanager_groups_by_site_and_inhibits_per_target_alerts_of_absent_sites() -> None:
     config = _load_yaml(ALERTMANAGER)
     assert config["route"]["group_by"] == ["site"]
-    (inhibit,) = config["inhibit_rules"]
+    inhibit = config["inhibit_rules"][0]
     assert inhibit["source_matchers"] == ['alertname="NetwatchSiteAbsent"']
     assert inhibit["equal"] == ["site"]
     # Per-target alerts are exactly those whose series carry a target label.
     assert inhibit["target_matchers"] == ['target=~".+"']
     (receiver,) = config["receivers"]
     assert receiver["webhook_configs"][0]["url"].startswith("http://127.0.0.1:")
+
+
+def test_alertmanager_inhibits_narrow_alerts_under_city_incidents() -> None:
+    """The inhibition the contract names (its behaviour: tests/test_city_rules.py)."""
+    rules = {tuple(r["source_matchers"]): r for r in _load_yaml(ALERTMANAGER)["inhibit_rules"][1:]}
+
+    def targets(source: str) -> set[str]:
+        (matcher,) = rules[(f'alertname="{source}"',)]["target_matchers"]
+        names = re.fullmatch(r'alertname=~?"([^"]*)"', matcher)
+        assert names, matcher
+        return set(names.group(1).split("|"))
+
+    assert targets("NetwatchPopulationDBOutage") >= {
+        "NetwatchISPOutage",
+        "NetwatchDistrictOutage",
+        "NetwatchSiteIsolated",
+        "NetwatchLinkDown",
+    }
+    assert rules[('alertname="NetwatchISPOutage"',)]["equal"] == ["isp"]
+    assert rules[('alertname="NetwatchDistrictOutage"',)]["equal"] == ["district"]
+    assert rules[('alertname="NetwatchSiteIsolated"',)]["equal"] == ["site"]
+    assert targets("NetwatchSiteIsolated") >= PER_TARGET_ALERTS - {"NetwatchTLSCertExpiring"}
+    assert CITY_ALERTS <= ALERTS
 
 
 def test_alertmanager_routes_a_site_alert_to_the_webhook() -> None:
@@ -294,6 +340,7 @@ def test_dashboards_have_stable_unique_uids_and_variables() -> None:
     boards = dashboards()
     assert {d["uid"] for d in boards.values()} == {
         "netwatch-city",
+        "netwatch-city-view",
         "netwatch-site",
         "netwatch-stations",
     }
@@ -357,6 +404,7 @@ def test_core_panels_exist() -> None:
     assert ("netwatch-city", "state-timeline") in kinds
     assert ("netwatch-site", "heatmap") in kinds
     assert ("netwatch-stations", "state-timeline") in kinds
+    assert ("netwatch-city-view", "state-timeline") in kinds  # incident timeline
 
 
 def test_grafana_provisioning_points_at_the_dashboards() -> None:

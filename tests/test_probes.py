@@ -23,7 +23,8 @@ from helpers.probe_servers import (
 )
 
 import probes
-from netwatch.config.schema import DnsTarget, HttpTarget, IcmpTarget, TcpTarget, TlsTarget
+from netwatch.config import schema as cfg
+from netwatch.monitor.runner import build_probe
 from probes import ProbeResult
 from probes._util import classify
 from probes.dns import DnsProbe
@@ -87,18 +88,16 @@ async def http_sessions() -> AsyncIterator[None]:
 @pytest.mark.parametrize(
     "target",
     [
-        IcmpTarget(name="i", type="icmp", host="127.0.0.1", fallback_tcp_port=80),
-        TcpTarget(name="t", type="tcp", host="127.0.0.1", port=80),
-        HttpTarget(name="h", type="http", url="http://127.0.0.1/", headers={"X-A": "1"}),
-        DnsTarget(name="d", type="dns", query="localhost", server="127.0.0.1:53"),
-        TlsTarget(name="s", type="tls", host="localhost", verify=False),
+        cfg.IcmpTarget(name="i", type="icmp", host="127.0.0.1", fallback_tcp_port=80),
+        cfg.TcpTarget(name="t", type="tcp", host="127.0.0.1", port=80),
+        cfg.HttpTarget(name="h", type="http", url="http://127.0.0.1/", headers={"X-A": "1"}),
+        cfg.DnsTarget(name="d", type="dns", query="localhost", server="127.0.0.1:53"),
+        cfg.TlsTarget(name="s", type="tls", host="localhost", verify=False),
+        cfg.PathTarget(name="p", type="path", host="127.0.0.1", role="core", protocol="udp"),
     ],
 )
-def test_every_probe_is_built_from_its_config_fields(
-    target: IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget,
-) -> None:
-    params = target.model_dump(exclude={"name", "type", "interval", "timeout"})
-    probe = probes.create(target.type, **params)
+def test_every_probe_is_built_from_its_config_fields(target: cfg.AnyTarget) -> None:
+    probe = build_probe(target)
     assert probe.type == target.type
     assert probe.target
 

@@ -78,7 +78,7 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 
 def rule_queries() -> list[tuple[str, str, str]]:
     out = []
-    for name in ("recording.yml", "alerts.yml"):
+    for name in ("recording.yml", "alerts.yml", "city.yml"):
         for group in yaml.safe_load((RULES / name).read_text(encoding="utf-8"))["groups"]:
             out.extend(
                 (name, rule.get("alert") or rule["record"], rule["expr"]) for rule in group["rules"]
@@ -146,7 +146,7 @@ async def run_prometheus(tmp_path: Path, metrics_port: int) -> AsyncIterator[Pro
     port = free_tcp_port()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES / "recording.yml"), str(RULES / "alerts.yml")],
+        "rule_files": [str(RULES / n) for n in ("recording.yml", "alerts.yml", "city.yml")],
         "scrape_configs": [
             {
                 "job_name": "netwatch",

@@ -67,6 +67,7 @@ __all__ = [
     "Metrics",
     "Mqtt",
     "Notify",
+    "PathTarget",
     "PeakWindow",
     "Proxy",
     "Queue",
@@ -129,8 +130,10 @@ class Site(Frozen):
     id: Name
     name: str = ""
     timezone: Timezone = "Asia/Ho_Chi_Minh"
+    # City view: labels that let central rules group sites (netwatch_site_info).
     district: str = ""
     isp: str = ""
+    uplink: str = ""
 
 
 class PeakWindow(Frozen):
@@ -150,10 +153,15 @@ class Defaults(Frozen):
     timeout: Duration = 2.0
 
 
+Role = Literal["gateway", "isp", "core", "service"]
+
+
 class _TargetBase(Frozen):
     name: Name
     interval: Duration | None = None
     timeout: Duration | None = None
+    # Where along the site's path the target sits (netwatch.monitor.fault reads it).
+    role: Role = "service"
 
 
 class IcmpTarget(_TargetBase):
@@ -208,7 +216,19 @@ class TlsTarget(_TargetBase):
     ca_file: OptionalText = None
 
 
-AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget
+class PathTarget(_TargetBase):
+    type: Literal["path"]
+    host: str
+    # A trace costs max_hops x rounds packets: its own, slower default interval.
+    interval: Duration | None = 60.0
+    rounds: Annotated[int, Field(ge=1, le=20)] = 3
+    max_hops: Annotated[int, Field(ge=1, le=64)] = 30
+    spacing: Duration = 0.5
+    protocol: Literal["auto", "icmp", "udp"] = "auto"
+    port: Annotated[int, Field(ge=1024, le=64000)] = 33434
+
+
+AnyTarget = IcmpTarget | TcpTarget | HttpTarget | DnsTarget | TlsTarget | PathTarget
 Target = Annotated[AnyTarget, Field(discriminator="type")]
 
 

@@ -27,6 +27,7 @@ from netwatch.monitor import link
 from netwatch.monitor.metrics import MonitorMetrics, OutageTotals, TargetSeries
 from netwatch.monitor.schedule import PeakSchedule
 from probes import ProbeResult
+from probes.path import path_view, trace_budget
 
 log = structlog.get_logger("netwatch.monitor")
 
@@ -61,12 +62,16 @@ class TargetRuntime:
 
 def build_probe(spec: AnyTarget) -> probes.Probe:
     """The probe object for a target spec (config field names are the probe's parameters)."""
-    params: dict[str, Any] = spec.model_dump(exclude={"name", "type", "interval", "timeout"})
+    params: dict[str, Any] = spec.model_dump(
+        exclude={"name", "type", "interval", "timeout", "role"}
+    )
     return probes.create(spec.type, **params)
 
 
 def probe_budget(spec: AnyTarget, timeout: float) -> float:
     """How long one round may take: ICMP sends ``count`` echoes ``spacing`` apart."""
+    if spec.type == "path":
+        return trace_budget(timeout, spec.rounds, spec.spacing, spec.max_hops)
     extra = (spec.count - 1) * spec.spacing if spec.type == "icmp" else 0.0
     return timeout + extra
 
@@ -292,6 +297,7 @@ class Monitor:
                 {
                     "name": rt.name,
                     "type": rt.spec.type,
+                    "role": rt.spec.role,
                     "probe": rt.probe.target,
                     "state": rt.status.state.value,
                     "since": rt.status.since.isoformat() if rt.status.since else None,
@@ -311,6 +317,8 @@ class Monitor:
                     },
                 }
             )
+            if last is not None and rt.spec.type == "path" and "hops" in last.details:
+                rows[-1]["path"] = path_view(last.details)
         return rows
 
     def states(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from netwatch.alerting.alerts import AlertEvent
 from netwatch.config.schema import Mqtt
 from netwatch.errors import ConfigError
-from netwatch.events import LinkChanged, ModeChanged, QueueStats
+from netwatch.events import LinkChanged, ModeChanged, QueueStats, SiteFaultChanged
 
 log = structlog.get_logger(__name__)
 
@@ -195,8 +195,12 @@ class MqttBridge:
         *,
         backoff_initial: float = 0.5,
         backoff_cap: float = 30.0,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.site = site_id
+        # City view: the status carries the site's labels and, while online, its fault.
+        self._labels = dict(labels or {})
+        self._fault: tuple[str, datetime | None] = ("none", None)
         self.version = version
         self.client_id = settings.client_id or f"netwatch-{site_id}"
         self._options = client_options(settings)
@@ -287,13 +291,32 @@ class MqttBridge:
                 on_retry=self._metrics.reconnects.inc,
             )
 
+    def publish_fault(self, event: SiteFaultChanged) -> None:
+        self._submit(lambda: self._set_fault(event.fault, event.since))
+
+    def _set_fault(self, fault: str, since: datetime) -> None:
+        self._fault = (fault, since)
+        if self._connected_since is not None:
+            status = self.topic("status")
+            data = self._status(True, self._connected_since, "connected")
+            if self._retained.get(status) != data:
+                self._retained[status] = data
+                self._dirty[status] = None
+                self._wakeup.set()
+
     def _status(self, online: bool, since: datetime, reason: str) -> bytes:
+        # Offline (the will, a shutdown) the site cannot tell where its fault is: null.
+        fault, fault_since = self._fault if online else (None, None)
         return _dumps(
             {
                 "online": online,
                 "version": self.version,
                 "since": since.isoformat(),
                 "reason": reason,
+                "fault": fault,
+                "fault_since": None if fault_since is None else fault_since.isoformat(),
+                "district": self._labels.get("district", ""),
+                "isp": self._labels.get("isp", ""),
             }
         )
 
