@@ -8,7 +8,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
-	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics chromium systemd
+	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics chromium systemd \
+	faketime
 BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
 # make install: where netwatch goes (deploy/install.sh says what each one is for).

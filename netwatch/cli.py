@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import structlog
 
 from netwatch import __version__
 from netwatch.errors import ConfigError, NetwatchError, UsageError
@@ -60,12 +61,33 @@ config_option = click.option(
 )
 
 
+def _raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every station connection, upstream
+    connection and probe holds a descriptor, and services often start with a soft 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, _NOFILE_WHEN_UNLIMITED)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # e.g. above the kernel's nr_open: keep the soft one
+        structlog.get_logger("netwatch").warning("open_file_limit_kept", soft=soft, error=str(exc))
+        return
+    structlog.get_logger("netwatch").info("open_file_limit_raised", soft=soft, to=target)
+
+
+_NOFILE_WHEN_UNLIMITED = 1 << 20
+
+
 @cli.command()
 @config_option
 def run(config_path: Path) -> None:
     """Run the site daemon: probes, link states, metrics, MQTT, and the proxy if configured."""
     from netwatch.daemon import run_daemon
 
+    _raise_open_file_limit()
     asyncio.run(run_daemon(config_path, role="site"))
 
 
@@ -78,6 +100,7 @@ def proxy(config_path: Path) -> None:
 
     if load_config(config_path).proxy is None:
         raise ConfigError(f"{config_path}: proxy: section missing; `netwatch proxy` needs it")
+    _raise_open_file_limit()
     asyncio.run(run_daemon(config_path, role="proxy"))
 
 

@@ -1,15 +1,85 @@
-"""structlog set-up, called once by the CLI: JSON lines when stderr is not a terminal."""
+"""structlog set-up, called once by the CLI: JSON lines when stderr is not a terminal.
+
+Repeated lines are rate-limited (``RepeatLimit``), for structlog events and for libraries'
+stdlib logging alike: a fault that repeats at loop speed ("Too many open files" on every
+accept) must not fill the disk. Past ``burst`` lines of one kind in ``window`` seconds the
+rest are dropped, and the first line of that kind after the window says how many were.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+import time
+from collections.abc import Callable, Hashable, MutableMapping
+from typing import Any, Literal
 
 import stamina.instrumentation
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
+
+REPEAT_BURST = 20
+REPEAT_WINDOW = 10.0
+_MAX_KINDS = 4096  # distinct kinds tracked at once (bounded memory whatever is logged)
+
+
+class RepeatLimit:
+    """At most ``burst`` lines of one kind per ``window`` seconds (see the module doc)."""
+
+    def __init__(
+        self,
+        burst: int = REPEAT_BURST,
+        window: float = REPEAT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._kinds: dict[Hashable, list[float | int]] = {}  # kind -> [start, seen, dropped]
+
+    def admit(self, kind: Hashable) -> int | None:
+        """None: drop this line. Else the number of lines of this kind dropped before it."""
+        now = self._clock()
+        state = self._kinds.get(kind)
+        if state is None or now - state[0] >= self.window:
+            if state is None and len(self._kinds) >= _MAX_KINDS:
+                self._kinds.clear()
+            dropped = int(state[2]) if state is not None else 0
+            self._kinds[kind] = [now, 1, 0]
+            return dropped
+        state[1] += 1
+        if state[1] > self.burst:
+            state[2] += 1
+            return None
+        return 0
+
+    def processor(
+        self, _logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """A structlog processor: the kind is the event name and level."""
+        dropped = self.admit((event.get("event"), method))
+        if dropped is None:
+            raise structlog.DropEvent
+        if dropped:
+            event["repeats_suppressed"] = dropped
+        return event
+
+
+class RepeatFilter(logging.Filter):
+    """The same limit for stdlib logging records (kind: logger name and message template)."""
+
+    def __init__(self, limit: RepeatLimit) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dropped = self._limit.admit((record.name, str(record.msg), record.levelno))
+        if dropped is None:
+            return False
+        if dropped:
+            record.msg = f"{record.msg} [{dropped} repeats suppressed]"
+        return True
 
 
 def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
@@ -17,6 +87,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     processors: list[structlog.types.Processor] = [
+        RepeatLimit().processor,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -34,6 +105,9 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    repeats = RepeatFilter(RepeatLimit())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(repeats)
     # stamina counts retries in prometheus_client's global registry by default; netwatch
     # exports only its injected registry, so retries are logged instead.
     stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])

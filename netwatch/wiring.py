@@ -94,8 +94,8 @@ class SiteMode:
         self._feed(machine.Override(mode))  # type: ignore[arg-type]
 
     def _feed(self, event: machine.ModeEvent, *, announce: bool = False) -> None:
-        now = self._daemon.clock.now()
-        self._state, effects = machine.step(self._state, event, now)
+        clock = self._daemon.clock
+        self._state, effects = machine.step(self._state, event, clock.now(), mono=clock.monotonic())
         if effects or announce:
             log.info("site_mode_changed", mode=self._state.mode, reason=self._state.reason)
             self._daemon.hub.publish(

@@ -32,9 +32,14 @@ def run(
     now = state.since
     for event in events:
         now += timedelta(seconds=dt)
-        state, effects = step(state, event, now)
+        state, effects = step(state, event, now, mono=mono_of(now))
         switches.extend(effects)
     return state, switches
+
+
+def mono_of(now: datetime) -> float:
+    """A monotonic clock that runs with the wall clock (no steps) in these tests."""
+    return (now - T0).total_seconds() + 1000.0
 
 
 def online() -> ModeState:
@@ -95,6 +100,23 @@ def test_passive_failure_holds_until_guard_recovers_or_hold_expires() -> None:
     assert state.mode == "replaying"
 
 
+def test_passive_hold_runs_on_the_monotonic_clock_not_the_wall_clock() -> None:
+    state, _ = run(online(), BacklogChanged(1))
+    wall, mono = state.since, 5000.0
+    state, _ = step(state, PassiveFailure("timeout"), wall, mono=mono)
+    assert state.mode == "offline"
+    # The wall clock is stepped back an hour; the hold still ends after `hold` seconds.
+    stepped_back = wall - timedelta(hours=1)
+    state, _ = step(state, Tick(), stepped_back, mono=mono + state.hold - 0.1)
+    assert state.mode == "offline"
+    state, _ = step(state, Tick(), stepped_back, mono=mono + state.hold)
+    assert state.mode == "replaying"
+    # ... and a wall clock stepped forward does not end it early.
+    state, _ = step(state, PassiveFailure("reset"), wall, mono=mono + 10)
+    state, _ = step(state, Tick(), wall + timedelta(hours=2), mono=mono + 11)
+    assert state.mode == "offline"
+
+
 def test_operator_offline_pins_offline_whatever_the_guard_says() -> None:
     state, switches = run(online(), Override("offline"), GuardChanged(all_ok=True))
     assert (state.mode, state.reason) == ("offline", "operator")
@@ -150,7 +172,7 @@ def test_never_online_while_entries_wait(
     for event, dt in seq:
         now += timedelta(seconds=dt)
         old = state.mode
-        state, effects = step(state, event, now)
+        state, effects = step(state, event, now, mono=mono_of(now))
         assert not (state.mode == "online" and state.depth > 0)
         # Effects are exactly the mode changes, and the operator's pin always wins.
         assert bool(effects) == (state.mode != old)

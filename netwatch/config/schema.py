@@ -312,6 +312,15 @@ class Proxy(Frozen):
     queue_after: Duration = 2.0
     request_timeout: Duration = 30.0
     ca_file: OptionalText = None
+    # Slow and idle stations: a connection must complete its request head within
+    # header_timeout of connecting, then each next one within idle_timeout of the last
+    # answer; a buffered (replayable) body must arrive within body_timeout (else 408).
+    # At most max_connections are open (lowered to fit the open-file limit); past it the
+    # connection that waited longest for its request head makes room.
+    header_timeout: Duration = 10.0
+    idle_timeout: Duration = 15.0
+    body_timeout: Duration = 30.0
+    max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
     admin_token: OptionalText = None
 

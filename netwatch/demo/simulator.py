@@ -5,7 +5,8 @@ fraction of transient 503s, scheduled or operator-driven outages (answered 503, 
 connection reset before any answer), and validation failures (422) for dead-letter tests.
 Writes are applied once per ``Idempotency-Key``; a repeated key gets the original answer
 with ``Idempotent-Replayed: true``. ``GET /_sim/applied`` lists every applied write in
-apply order so tests can prove "each request applied exactly once, in order".
+apply order so tests can prove "each request applied exactly once, in order";
+``exchanges`` lists every write request with its answer (faults included) and when.
 
 Every write that reaches the API (past the injected faults) is also a *receipt*
 (``GET /_sim/receipts``, ``receipt_counts()``): a replay that sends an entry twice shows up
@@ -93,6 +94,18 @@ class SimulatorStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One write request as it reached the simulator, and how it was answered."""
+
+    idempotency_key: str | None
+    order_key: str | None
+    method: str
+    path: str
+    status: int  # 0: the connection was reset, nothing answered
+    at: float  # the simulator's clock when the answer was decided
+
+
 @dataclass(slots=True)
 class _Control:
     latency_ms: float
@@ -151,6 +164,7 @@ class PopulationSimulator:
             naive=self.settings.naive,
         )
         self._applied: list[dict[str, Any]] = []
+        self._exchanges: list[Exchange] = []
         self._receipts: list[dict[str, Any]] = []
         self._applied_keys: set[str] = set()
         self._by_no: dict[str, str] = {}
@@ -196,6 +210,12 @@ class PopulationSimulator:
     def applied(self) -> list[dict[str, Any]]:
         """Applied writes in apply order (a copy)."""
         return list(self._applied)
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        """Every write request under ``/api/``, faults included, with its answer and time
+        (a copy): what the upstream *received*, refused or not."""
+        return list(self._exchanges)
 
     @property
     def receipts(self) -> list[dict[str, Any]]:
@@ -295,6 +315,23 @@ class PopulationSimulator:
     ) -> web.StreamResponse:
         if request.path.startswith("/_sim/"):
             return cast(web.StreamResponse, await handler(request))
+        response = await self._serve(request, handler)
+        if request.path.startswith("/api/") and request.method not in {"GET", "HEAD"}:
+            reset = request.transport is None or request.transport.is_closing()
+            exchange = Exchange(
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                order_key=request.headers.get("Netwatch-Order-Key"),
+                method=request.method,
+                path=request.path,
+                status=0 if reset else response.status,
+                at=self._clock(),
+            )
+            self._exchanges.append(exchange)
+        return response
+
+    async def _serve(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
         self.stats.requests += 1
         control = self._control
         if self.in_outage():

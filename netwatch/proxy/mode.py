@@ -13,13 +13,17 @@ for ``hold`` seconds: the guard probes may not have noticed anything, so without
 the next probe-less moment would flip straight back to a dead upstream. The hold ends
 early when the guard reports a recovery (a real down -> ok change) or the operator forces
 "online"; otherwise a ``Tick`` after it expires lets the machine try again.
+
+Two times come in with every event: ``now`` (wall clock, timezone-aware) only stamps
+``since`` for humans; ``mono`` (monotonic seconds) runs the hold, so a wall clock stepped
+back an hour cannot keep the proxy offline for an hour.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Literal
 
 Mode = Literal["online", "offline", "replaying"]
@@ -87,7 +91,7 @@ class ModeState:
     depth: int = 0
     override: OverrideMode = "auto"
     remote: Mode | None = None
-    suspect_until: datetime | None = None  # end of the passive-failure hold
+    suspect_until: float | None = None  # end of the passive-failure hold (monotonic)
     suspect_reason: str = ""
     hold: float = DEFAULT_HOLD
 
@@ -143,7 +147,7 @@ def _clear_hold(state: ModeState) -> ModeState:
     return replace(state, suspect_until=None, suspect_reason="")
 
 
-def _absorb(state: ModeState, event: ModeEvent, now: datetime) -> ModeState:
+def _absorb(state: ModeState, event: ModeEvent, mono: float) -> ModeState:
     """Update what the machine knows; the mode itself is chosen afterwards by ``decide``."""
     new: ModeState
     match event:
@@ -152,7 +156,7 @@ def _absorb(state: ModeState, event: ModeEvent, now: datetime) -> ModeState:
             recovered = ok and state.guard_ok is False
             new = replace(_clear_hold(state) if recovered else state, guard_ok=ok)
         case PassiveFailure(reason=reason):
-            until = now + timedelta(seconds=state.hold)
+            until = mono + state.hold
             new = replace(state, suspect_until=until, suspect_reason=f"passive: {reason}")
         case BacklogChanged(depth=depth):
             new = replace(state, depth=max(0, depth))
@@ -161,16 +165,17 @@ def _absorb(state: ModeState, event: ModeEvent, now: datetime) -> ModeState:
         case RemoteMode(mode=mode):
             new = replace(state, remote=mode)
         case Tick():
-            expired = state.suspect_until is not None and now >= state.suspect_until
+            expired = state.suspect_until is not None and mono >= state.suspect_until
             new = _clear_hold(state) if expired else state
     return new
 
 
 def step(
-    state: ModeState, event: ModeEvent, now: datetime
+    state: ModeState, event: ModeEvent, now: datetime, *, mono: float
 ) -> tuple[ModeState, tuple[ModeSwitch, ...]]:
-    """Apply one event at time ``now``: the new state and the effects to carry out."""
-    known = _absorb(state, event, now)
+    """Apply one event at wall time ``now`` and monotonic time ``mono``: the new state and
+    the effects to carry out."""
+    known = _absorb(state, event, mono)
     mode, reason = decide(known)
     if mode == known.mode:
         return known, ()

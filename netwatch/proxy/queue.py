@@ -368,6 +368,33 @@ class DurableQueue:
         params = (now, now, entry_id, entry_id)
         return await self._write(lambda txn: self._update(txn, sql, params))
 
+    async def shift_times(self, seconds: float) -> int:
+        """The wall clock stepped by ``seconds``: move the times of entries that may still
+        be sent, so that a retry wait keeps what was left of it and a forward step does not
+        age anything. A backward step leaves ``age_from`` alone: a clock step may delay an
+        expiry, never bring it forward. Returns the entries moved."""
+        sql = (
+            "UPDATE entries SET next_attempt_at = next_attempt_at + ?,"
+            " queued_at = queued_at + ?, age_from = age_from + ?"
+            " WHERE state NOT IN ('delivered', 'dead')"
+        )
+        params = (seconds, seconds, max(0.0, seconds))
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
+    async def clamp_future(self, *, now: float, max_wait: float) -> int:
+        """At start, with no monotonic clock shared with the last run: a time in the future
+        means the wall clock went back while the proxy was stopped. Such an entry counts as
+        queued now, and waits at most ``max_wait``. Returns the entries changed."""
+        latest = now + max_wait
+        sql = (
+            "UPDATE entries SET age_from = MIN(age_from, ?), queued_at = MIN(queued_at, ?),"
+            " next_attempt_at = MIN(next_attempt_at, ?)"
+            " WHERE state NOT IN ('delivered', 'dead')"
+            " AND (age_from > ? OR queued_at > ? OR next_attempt_at > ?)"
+        )
+        params = (now, now, latest, now, now, latest)
+        return await self._write(lambda txn: self._update(txn, sql, params))
+
     async def purge_dead(self) -> int:
         sql = "DELETE FROM entries WHERE state = 'dead'"
         return await self._write(lambda txn: self._update(txn, sql, ()))

@@ -10,6 +10,10 @@ Verdicts: 2xx/3xx delivered; 408/425/429/5xx and network errors retried later (j
 exponential backoff, never earlier than the upstream's ``Retry-After``); any other 4xx a
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
+
+Time: pacing runs on the monotonic clock; the times written to the queue file (retry
+waits) come from a ``FileTime``, which a wall clock step does not move (the station shifts
+the file's times by the step, then resyncs it), so a step neither freezes nor rushes a wait.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Literal
 
 import structlog
 
-from netwatch.clock import Clock
+from netwatch.clock import Clock, FileTime
 from netwatch.config.schema import Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.forward import Reply, UpstreamFailure
@@ -129,8 +133,10 @@ class Replayer:
         concurrency: int = 32,
         poll: float = 0.25,
         rand: Callable[[], float] = random.random,
+        file_time: FileTime | None = None,
     ) -> None:
         self._queue = queue
+        self._file_time = file_time or FileTime(clock)
         self._send = send
         self._settings = settings
         self._clock = clock
@@ -192,7 +198,7 @@ class Replayer:
         self._settled.clear()
         try:
             heads = await self._queue.ready(
-                now=self._clock.now().timestamp(), limit=len(self._in_flight) + free
+                now=self._file_time.now(), limit=len(self._in_flight) + free
             )
         except QueueError:
             log.exception("replay_queue_read_failed")
@@ -221,14 +227,16 @@ class Replayer:
             self._on_network_error(failure.reason)
             await self._retry(entry, None, None)
             log.info("replay_retry", ticket=entry.id, reason=failure.reason)
-            self._on_result(entry, "retried", self._clock.now().timestamp())
+            self._on_result(entry, "retried", self._file_time.now())
             return
-        now = self._clock.now()
+        now = self._file_time.now()
         verdict = classify(reply.status)
         if verdict == "delivered":
-            await self._queue.mark_delivered(entry.id, status=reply.status, now=now.timestamp())
+            await self._queue.mark_delivered(entry.id, status=reply.status, now=now)
         elif verdict == "retried":
-            await self._retry(entry, reply.status, parse_retry_after(reply.retry_after, now))
+            # An HTTP-date is the upstream's wall clock: compared with ours, not the file's.
+            retry_after = parse_retry_after(reply.retry_after, self._clock.now())
+            await self._retry(entry, reply.status, retry_after)
             log.info("replay_retry", ticket=entry.id, status=reply.status)
         else:
             await self._queue.mark_dead(
@@ -236,12 +244,12 @@ class Replayer:
                 reason="rejected",
                 status=reply.status,
                 body=reply.body[:DEAD_BODY_LIMIT],
-                now=now.timestamp(),
+                now=now,
             )
             log.warning("replay_rejected", ticket=entry.id, status=reply.status)
-        self._on_result(entry, verdict, now.timestamp())
+        self._on_result(entry, verdict, now)
 
     async def _retry(self, entry: Entry, status: int | None, retry_after: float | None) -> None:
-        now = self._clock.now().timestamp()
+        now = self._file_time.now()
         delay = self.backoff.delay(entry.attempts + 1, retry_after=retry_after, rand=self._rand)
         await self._queue.mark_retry(entry.id, status=status, next_attempt_at=now + delay, now=now)

@@ -17,14 +17,16 @@ Nothing here logs a body, a path or a header value: paths and bodies carry citiz
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
@@ -62,6 +64,10 @@ class ProxyCore(Protocol):
 
     @property
     def mode(self) -> Mode: ...
+
+    def mode_for_write(self) -> Mode:
+        """The mode, after checking the queue file for writes queued behind our back."""
+        ...
 
     def passive_failure(self, reason: str) -> None: ...
 
@@ -133,15 +139,18 @@ class ProxyServer:
         forwarder: Forwarder,
         metrics: ProxyMetrics,
         registry: CollectorRegistry | None = None,
+        *,
+        middlewares: Sequence[Middleware] = (),
     ) -> None:
         self.settings = settings
+        self._middlewares = tuple(middlewares)
         self._registry = registry
         self._core = core
         self._forwarder = forwarder
         self._metrics = metrics
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_contain_errors])
+        app = web.Application(middlewares=[*self._middlewares, _contain_errors])
         token = self.settings.admin_token
         app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
         app.router.add_get("/_netwatch/status", require_token(token, self._status))
@@ -211,8 +220,8 @@ class ProxyServer:
         if request.content_length is not None and request.content_length > limit:
             return "rejected", _error(413, "body_too_large", max_body=limit)
         headers = outgoing_headers(request)
-        mode = self._core.mode
         if not is_replayable(self.settings.replayable, request.method, request.path):
+            mode = self._core.mode
             if mode == "offline":
                 return "rejected", _error(503, "upstream_unavailable", mode=mode)
             return await self._forward(request, headers, None)
@@ -220,15 +229,29 @@ class ProxyServer:
         if not key:
             key = new_idempotency_key()
             headers["Idempotency-Key"] = key
-        try:
-            body = await read_limited(request, limit)
-        except BodyTooLarge:
-            return "rejected", _error(413, "body_too_large", max_body=limit)
-        if mode != "online":
-            # Queued behind the backlog even while replaying: a new write must never
-            # overtake an older one.
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return "rejected", body
+        # Decided once the write has fully arrived, from the queue file's backlog: queued
+        # behind anything waiting (even while replaying), so it never overtakes an older
+        # write on its order key, whoever put that one back in the queue.
+        if self._core.mode_for_write() != "online":
             return await self._queue(request, headers, body, key)
         return await self._forward(request, headers, (body, key))
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The whole body, or the answer that refuses it (too large, or too slow)."""
+        limit = self.settings.max_body
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                return await read_limited(request, limit)
+        except BodyTooLarge:
+            return _error(413, "body_too_large", max_body=limit)
+        except TimeoutError:
+            # A body trickling in this slowly ties up a connection for nothing.
+            response = _error(408, "body_timeout", body_timeout=self.settings.body_timeout)
+            response.force_close()
+            return response
 
     async def _forward(
         self,

@@ -11,13 +11,30 @@ wired together for the daemon.
 
 The mode machine is pure; this class feeds it events, applies its effects (metrics, a
 ``ModeChanged`` on the hub, waking the replayer, ending forwards that wait on a dead
-link) and keeps the backlog depth it reasons about close to the truth.
+link) and feeds it the backlog as the queue file tells it (``backlog.py``).
+
+Time: the hold, the replay's pacing and every interval here run on the monotonic clock.
+The queue file keeps wall-clock times (shared with the CLI and the next run); they are
+read and written through a ``FileTime``, and when the wall clock steps (more than
+``STEP_TOLERANCE``) the file's waiting entries are shifted by the step before the frame
+follows it: a retry wait keeps its remaining time, and an entry's age (``max_age``) moves
+only with the monotonic clock (a backward step may delay an expiry, nothing brings one
+forward). Across a restart there is no shared monotonic clock: future times count as now
+and waits as at most ``replay.backoff_max`` (``DurableQueue.clamp_future``); a forward step
+while the proxy was stopped cannot be told from downtime and counts as age.
+
+The backlog rule that keeps per-order-key order: the mode may only say ``online`` (new
+writes forwarded directly) after a read of the queue file found nothing waiting, and while
+online every new write first checks that the file has not changed since (another process
+may have put dead letters back). Counts kept here between reads are estimates that may
+only err on the side of "something waits".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, Self, cast, get_args
@@ -26,10 +43,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from netwatch.clock import Clock, SystemClock
+from netwatch.clock import Clock, FileTime, SystemClock
 from netwatch.config.schema import Proxy
+from netwatch.errors import QueueError
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
+from netwatch.proxy.backlog import BacklogWatch
+from netwatch.proxy.connections import ConnectionLimits, connection_cap
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -53,6 +73,7 @@ log = structlog.get_logger("netwatch.proxy")
 
 STATS_EVERY = 1.0
 EXPIRE_EVERY = 30.0
+STEP_TOLERANCE = 1.0  # wall-clock moves smaller than this are slewing, not steps
 PUBLISH_EVERY = 15.0  # queue stats go to the hub on change, and at least this often
 HEALTH_TIMEOUT = 2.0
 
@@ -106,12 +127,15 @@ class StationProxy:
         self._is_peak = is_peak
         self._key = key
         self._clock = clock or SystemClock()
+        self._file_time = FileTime(self._clock)
         self._replay_concurrency = replay_concurrency
         self._guard: dict[str, bool | None] = dict.fromkeys(settings.guard)
         self._state = machine.initial(self._clock.now())
-        self._depth = 0  # committed queued entries, as far as this process knows
+        # Waiting entries: the last count read from the file, moved by this process's own
+        # commits until the next read (an estimate that a read confirms before "empty").
+        self._depth = 0
         self._enqueuing = 0  # enqueues not yet committed (already count as backlog)
-        self._enqueued = 0  # generation counter: detects enqueues racing a stats read
+        self._watch: BacklogWatch | None = None
         self._stats: QueueSnapshot | None = None
         self._published: tuple[int, int] | None = None
         self._stack: AsyncExitStack | None = None
@@ -119,6 +143,13 @@ class StationProxy:
         self._forwarder: Forwarder | None = None
         self._replayer: Replayer | None = None
         self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._limits = ConnectionLimits(
+            header_timeout=settings.header_timeout,
+            idle_timeout=settings.idle_timeout,
+            cap=settings.max_connections,
+            clock=self._clock.monotonic,
+        )
 
     # --- lifetime -------------------------------------------------------------------------
 
@@ -135,8 +166,18 @@ class StationProxy:
             # QueueKeyError (wrong or missing key) propagates from here: fail fast.
             self._queue = await stack.enter_async_context(opener)
             now = self._clock.now()
-            self._stats = await self._queue.stats(now=now.timestamp())
-            self._depth = self._stats.depth
+            self._file_time.resync()
+            file_now = self._file_time.now()
+            wait = self.settings.replay.backoff_max
+            if clamped := await self._queue.clamp_future(now=file_now, max_wait=wait):
+                log.warning("proxy_queue_times_in_future", entries=clamped)
+            self._stats = await self._queue.stats(now=file_now)
+            try:
+                self._watch = BacklogWatch(self._queue.path)
+            except sqlite3.Error as exc:
+                raise QueueError(f"{self._queue.path}: cannot watch the queue: {exc}") from exc
+            stack.callback(self._watch.close)
+            self._depth = self._watch.refresh(force=True) or 0
             self._last_delivered = await self._queue.last_delivered_at()
             self.metrics.queue_stats = self._stats
             # A backlog left by a crash waits offline for the guard before replaying.
@@ -147,31 +188,56 @@ class StationProxy:
                 self._forwarder.replay,
                 self.settings.replay,
                 clock=self._clock,
+                file_time=self._file_time,
                 is_peak=self._is_peak,
                 active=lambda: self.mode != "offline",
                 on_result=self._replayed,
                 on_network_error=self.passive_failure,
                 concurrency=self._replay_concurrency,
             )
-            server = ProxyServer(self.settings, self, self._forwarder, self.metrics, self._registry)
+            server = ProxyServer(
+                self.settings,
+                self,
+                self._forwarder,
+                self.metrics,
+                self._registry,
+                middlewares=[self._limits.middleware],
+            )
             runner = web.AppRunner(
                 server.app(),
                 access_log=None,  # paths carry citizens' identifiers
                 handle_signals=False,
                 shutdown_timeout=2.0,
                 logger=AIOHTTP_LOG,
+                # aiohttp's own idle close stays behind ours (ConnectionLimits decides).
+                keepalive_timeout=max(self.settings.idle_timeout, self.settings.header_timeout)
+                + 5.0,
+                lingering_time=1.0,
             )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
+            self._limits.cap = connection_cap(self.settings.max_connections)
             host, port = split_listen(self.settings.listen)
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            if runner.server is None:
+                raise RuntimeError("the aiohttp runner has no server after setup")
+            listener = await asyncio.get_running_loop().create_server(
+                self._limits.protocol_factory(runner.server), host, port, reuse_address=True
+            )
+            stack.callback(listener.close)  # before runner.cleanup: no new connections
+            self._port = cast(tuple[str, int], listener.sockets[0].getsockname())[1]
             self._runner = runner
             self._announce(self._state.mode, self._state.reason)
             if not self.settings.guard:
                 # No guard targets: only passive detection drives the mode.
                 self._feed(GuardChanged(all_ok=True))
             self._stack = stack.pop_all()
-        log.info("proxy_listening", url=self.url, mode=self.mode, backlog=self._depth)
+        log.info(
+            "proxy_listening",
+            url=self.url,
+            mode=self.mode,
+            backlog=self._depth,
+            max_connections=self._limits.cap,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -181,9 +247,9 @@ class StationProxy:
 
     @property
     def port(self) -> int:
-        if self._runner is None:
+        if self._port is None:
             raise RuntimeError("StationProxy is not open")
-        return cast(tuple[str, int], self._runner.addresses[0])[1]
+        return self._port
 
     @property
     def url(self) -> str:
@@ -203,6 +269,7 @@ class StationProxy:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._replayer.run(), name="proxy-replay")
             tg.create_task(self._housekeeping(), name="proxy-housekeeping")
+            tg.create_task(self._limits.run(), name="proxy-connections")
 
     # --- inputs from the daemon ----------------------------------------------------------------
 
@@ -239,7 +306,8 @@ class StationProxy:
     # --- the mode machine -----------------------------------------------------------------
 
     def _feed(self, event: ModeEvent) -> None:
-        self._state, effects = machine.step(self._state, event, self._clock.now())
+        clock = self._clock
+        self._state, effects = machine.step(self._state, event, clock.now(), mono=clock.monotonic())
         for switch in effects:
             self._announce(switch.mode, switch.reason)
             if switch.mode == "offline" and self._forwarder is not None:
@@ -268,9 +336,8 @@ class StationProxy:
         self._enqueuing += 1
         self._backlog()
         try:
-            result = await self.queue.enqueue(new, now=self._clock.now().timestamp())
+            result = await self.queue.enqueue(new, now=self._file_time.now())
             self._depth += 1
-            self._enqueued += 1
         finally:
             self._enqueuing -= 1
             self._backlog()
@@ -284,7 +351,7 @@ class StationProxy:
     async def healthy(self) -> bool:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
-                await self.queue.stats(now=self._clock.now().timestamp())
+                await self.queue.stats(now=self._file_time.now())
         except Exception:  # any failure means "not usable"; logged
             log.warning("proxy_queue_unhealthy", exc_info=True)
             return False
@@ -296,13 +363,46 @@ class StationProxy:
         if outcome == "delivered":
             self._last_delivered = now
         if outcome != "retried":
-            self._depth = max(0, self._depth - 1)
+            self._settled(1)
+
+    def _settled(self, count: int) -> None:
+        """Entries left the backlog: only a read of the file may say it is empty."""
+        self._depth -= count
+        if self._depth <= 0 and not self._sync(force=True):
+            self._depth = 1  # unknown: something may wait until a read says otherwise
             self._backlog()
+
+    def _sync(self, *, force: bool = False) -> bool:
+        """Take the backlog from the file if anyone changed it (``force``: read it anyway).
+        False when the file could not be read: the caller must assume a backlog."""
+        if self._watch is None:
+            return False
+        try:
+            depth = self._watch.refresh(force=force)
+        except sqlite3.Error as exc:
+            log.warning("proxy_backlog_unreadable", error=str(exc))
+            return False
+        if depth is not None:
+            self._depth = depth
+            self._backlog()
+        return True
+
+    def mode_for_write(self) -> Mode:
+        """The mode a new replayable write is routed by. Online only if the queue file has
+        not changed since it was last found empty: otherwise it is read again (and the
+        mode follows), so a write never overtakes what another process put back."""
+        if self._state.mode == "online" and not self._sync():
+            return "replaying"  # unknown backlog: queue it, replay sends it right away
+        return self._state.mode
 
     async def _housekeeping(self) -> None:
         last_expire = last_publish = float("-inf")
         while True:
             mono = self._clock.monotonic()
+            if await self._absorb_clock_step():
+                # Ages are checked again at once: what a step did to them shows now.
+                last_expire = mono
+                log.info("proxy_ages_checked_after_step", expired=await self._expire())
             if mono - last_expire >= EXPIRE_EVERY:
                 last_expire = mono
                 await self._expire()
@@ -312,40 +412,58 @@ class StationProxy:
             self._feed(Tick())
             await asyncio.sleep(STATS_EVERY)
 
-    async def _expire(self) -> None:
+    async def _absorb_clock_step(self) -> bool:
+        """Shift the queue file's times by a wall clock step, then follow the wall clock.
+        True when there was a step (and it is now absorbed)."""
+        step = self._file_time.step()
+        if abs(step) <= STEP_TOLERANCE:
+            self._file_time.resync()  # slewing: follow it, never let it add up to a "step"
+            return False
         try:
-            expired = await self.queue.expire(now=self._clock.now().timestamp())
+            moved = await self.queue.shift_times(step)
+        except Exception:  # the frame stays steady until the shift succeeds
+            log.exception("proxy_clock_step_shift_failed", step_s=round(step, 3))
+            return False
+        self._file_time.resync()
+        log.warning("wall_clock_stepped", step_s=round(step, 3), entries_shifted=moved)
+        return True
+
+    async def _expire(self) -> int:
+        try:
+            expired = await self.queue.expire(now=self._file_time.now())
         except Exception:  # housekeeping must outlive a bad moment of the disk
             log.exception("proxy_expire_failed")
-            return
+            return 0
         if expired:
             log.warning("proxy_entries_expired", count=len(expired))
             for _ in expired:
                 self.metrics.replayed("dead")
-            self._depth = max(0, self._depth - len(expired))
-            self._backlog()
+            self._settled(len(expired))
+        return len(expired)
 
     async def _refresh(self, *, force_publish: bool) -> None:
-        generation = self._enqueued
+        # The backlog from the file: catches what another process did (a retry of dead
+        # letters) even while no station writes, and corrects this process's estimate.
+        self._sync(force=True)
         try:
-            stats = await self.queue.stats(now=self._clock.now().timestamp())
+            stats = await self.queue.stats(now=self._file_time.now())
         except Exception:  # logged; the last good figures stay exported
             log.exception("proxy_stats_failed")
             return
         self._stats = stats
         self.metrics.queue_stats = stats
-        # Re-sync the depth from disk (the CLI may retry dead letters behind our back), but
-        # not with a read that may predate an enqueue: an undercount could let a new write
-        # overtake a queued one, an overcount only delays going online by a second.
-        if generation == self._enqueued and self._enqueuing == 0:
-            self._depth = stats.depth
-            self._backlog()
         key = (stats.depth, stats.dead)
         if force_publish or key != self._published:
             self._published = key
             self.hub.publish(QueueStats(self.site_id, stats.depth, stats.oldest_age_s, stats.dead))
 
     # --- status -----------------------------------------------------------------------------
+
+    def _hold_until(self) -> str | None:
+        until = self._state.suspect_until
+        if until is None:
+            return None
+        return iso(self._clock.now().timestamp() + until - self._clock.monotonic())
 
     def status(self) -> dict[str, Any]:
         state = self._state
@@ -357,7 +475,7 @@ class StationProxy:
             "override": state.override,
             "remote_mode": state.remote,
             "backlog": self._depth + self._enqueuing,  # live; "queue" is the last disk read
-            "passive_hold_until": state.suspect_until.isoformat() if state.suspect_until else None,
+            "passive_hold_until": self._hold_until(),
             "guard": {
                 name: ("unknown" if ok is None else "ok" if ok else "down")
                 for name, ok in self._guard.items()
@@ -373,6 +491,13 @@ class StationProxy:
             "replay": {
                 "in_flight": self._replayer.in_flight if self._replayer else 0,
                 "rate_per_s": self._replayer.rate() if self._replayer else None,
+            },
+            "connections": {
+                "open": self._limits.open,
+                "cap": self._limits.cap,
+                "evicted": self._limits.evicted,
+                "timed_out": self._limits.timed_out,
+                "refused": self._limits.refused,
             },
             "checked_at": iso(self._clock.now().timestamp()),
             "site": self._site,

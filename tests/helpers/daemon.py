@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,17 +35,25 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 class DaemonProcess:
     """A ``netwatch`` subprocess with its log file and metrics URL."""
 
-    def __init__(self, args: list[str], log_path: Path, metrics_url: str | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        metrics_url: str | None,
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.metrics_url = metrics_url
         self._log = log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netwatch", "--log-format", "json", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - tests set resource limits only
         )
 
     def log_events(self) -> list[dict[str, Any]]:

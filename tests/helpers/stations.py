@@ -18,6 +18,7 @@ import random
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,9 +75,19 @@ class ProxyProcess:
     """``netwatch proxy -c FILE`` that survives being killed: every ``start`` is a new
     incarnation with its own log file, on the same config, port and queue file."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: dict[str, Any],
+        name: str = "proxy",
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.tmp_path = tmp_path
         self.name = name
+        self.env = env
+        self.preexec_fn = preexec_fn
         self.config_path = write_config(tmp_path / f"{name}.yaml", config)
         self.url = "http://" + config["proxy"]["listen"]
         self.incarnations = 0
@@ -92,7 +103,11 @@ class ProxyProcess:
             raise RuntimeError("the proxy is already running")
         self.incarnations += 1
         self.daemon = DaemonProcess(
-            ["proxy", "-c", str(self.config_path)], self.log_paths[-1], metrics_url=None
+            ["proxy", "-c", str(self.config_path)],
+            self.log_paths[-1],
+            metrics_url=None,
+            env=self.env,
+            preexec_fn=self.preexec_fn,
         )
 
     async def sigkill(self) -> None:
