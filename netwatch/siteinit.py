@@ -9,6 +9,7 @@ unreadable.
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 from netwatch import __version__
 from netwatch.config.schema import Config, parse_config
-from netwatch.errors import ConfigError, UsageError
+from netwatch.errors import ConfigError, NetwatchError, UsageError
 from netwatch.proxy.crypto import generate_key_file
 
 DEFAULT_CONFIG = Path("/etc/netwatch/netwatch.yaml")
@@ -137,22 +138,40 @@ def write_site(answers: SiteAnswers, config_path: Path, *, force: bool = False) 
         # A flag made the template invalid (e.g. a site id with spaces): name the flag's key.
         raise UsageError("; ".join(line.split(": ", 1)[-1] for line in exc.problems)) from None
     key_path = answers.queue.parent / "queue.key"
-    _private_dir(answers.queue.parent)
+    try:
+        _private_dir(answers.queue.parent)
+    except OSError as exc:
+        raise NetwatchError(f"{answers.queue.parent}: cannot create: {_reason(exc)}") from None
     key_created = not key_path.exists()
     if key_created:
         generate_key_file(key_path)
-    _write_atomic(config_path, text)
+    try:
+        _write_atomic(config_path, text)
+    except OSError as exc:
+        raise NetwatchError(f"{config_path}: cannot write: {_reason(exc)}") from None
     return Written(config_path, key_path, key_created, config)
 
 
-def _private_dir(path: Path) -> None:
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _make_dir(path: Path) -> None:
+    # mkdir(exist_ok=True) on a file says "File exists": say what is wrong instead.
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is not a directory")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _private_dir(path: Path) -> None:
+    _make_dir(path)
     path.chmod(0o700)
 
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file and a rename: never half a config."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

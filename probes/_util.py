@@ -195,3 +195,19 @@ def success(
         phases=phases if phases is not None else _NOTHING,
         details=details if details is not None else _NOTHING,
     )
+
+
+_CAP_NET_RAW = 13
+
+
+def has_net_raw() -> bool:
+    """Whether this process may open raw sockets: ``CAP_NET_RAW`` in its effective set
+    (root has it; a non-root service gets it from the unit's ``AmbientCapabilities``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_RAW & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0

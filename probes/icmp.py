@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import time
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import icmplib
 
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
-from probes._util import classify, failure, resolve
+from probes._util import classify, failure, has_net_raw, resolve
 from probes.tcp import TcpProbe
 
 Privileged = Literal["auto", "yes", "no"]
@@ -42,20 +41,6 @@ PERMISSION_HINT = (
     "unprivileged ping (sysctl net.ipv4.ping_group_range), or set the target's "
     "privileged: no / fallback_tcp_port"
 )
-_CAP_NET_RAW = 13
-
-
-def has_net_raw() -> bool:
-    """Whether this process may open raw sockets: ``CAP_NET_RAW`` in its effective set
-    (root has it; a non-root service gets it from the unit's ``AmbientCapabilities``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_NET_RAW & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
 
 
 class IcmpProbe:

@@ -43,8 +43,7 @@ import icmplib
 
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._trace import Answer, IcmpTransport, Reply, Transport, UdpTransport
-from probes._util import classify, failure, literal_address, resolve
-from probes.icmp import has_net_raw
+from probes._util import classify, failure, has_net_raw, literal_address, resolve
 
 Protocol_ = Literal["auto", "icmp", "udp"]
 
@@ -56,8 +55,10 @@ _SEND_GAP = 0.01
 _SEQ_BASE = MAX_HOPS_LIMIT + 1  # sequence = round * _SEQ_BASE + ttl
 
 PERMISSION_HINT = (
-    "path traces need raw ICMP sockets (root or CAP_NET_RAW) or, for protocol udp, Linux "
-    "IP_RECVERR: run netwatch as root, grant it CAP_NET_RAW, or use protocol udp "
+    "path traces need raw ICMP sockets (CAP_NET_RAW) or, for protocol udp, Linux "
+    "IP_RECVERR: give the process CAP_NET_RAW as an ambient capability (systemd unit: "
+    "AmbientCapabilities=CAP_NET_RAW, as deploy/netwatch.service does; a file capability on "
+    "a Python script has no effect), or use protocol udp "
     "(`protocol: udp` on the target, `--protocol udp` on the command line)"
 )
 

@@ -7,6 +7,7 @@ without the ambient capability, against 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def probe_as_nobody(*setpriv_args: str) -> subprocess.CompletedProcess[str]:
+def probe_as_nobody(
+    *setpriv_args: str, probe: tuple[str, ...] = ("icmp", "127.0.0.1", "--count", "2")
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "setpriv",
@@ -35,10 +38,7 @@ def probe_as_nobody(*setpriv_args: str) -> subprocess.CompletedProcess[str]:
             "-m",
             "netwatch",
             "probe",
-            "icmp",
-            "127.0.0.1",
-            "--count",
-            "2",
+            *probe,
             "--json",
         ],
         capture_output=True,
@@ -69,3 +69,13 @@ def test_without_the_capability_the_hint_names_what_works() -> None:
     assert "AmbientCapabilities=CAP_NET_RAW" in done.stdout
     assert "net.ipv4.ping_group_range" in done.stdout
     assert "setcap" not in done.stdout
+
+
+def test_path_probe_traces_with_icmp_given_the_ambient_capability() -> None:
+    with_cap = probe_as_nobody(
+        "--inh-caps=+net_raw", "--ambient-caps=+net_raw", probe=("path", "127.0.0.1")
+    )
+    assert with_cap.returncode == 0, with_cap.stdout + with_cap.stderr
+    assert json.loads(with_cap.stdout)["details"]["protocol"] == "icmp"
+    without = probe_as_nobody(probe=("path", "127.0.0.1"))
+    assert json.loads(without.stdout)["details"].get("protocol") == "udp", without.stdout

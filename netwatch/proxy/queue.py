@@ -485,9 +485,7 @@ class DurableQueue:
         own. Returns the entries as read (before the record)."""
 
         def run(txn: Txn) -> builtins.list[Entry]:
-            cursor = txn.conn.cursor()
-            cursor.row_factory = sqlite3.Row  # the writer's connection yields tuples
-            rows = cursor.execute(_READY_SQL, (now, limit)).fetchall()
+            rows = _rows(txn.conn, _READY_SQL, (now, limit))
             heads = [e for e in map(self._to_entry, rows) if not skip(e)]
             marks = [(now, e.id) for e in heads if sends(e)]
             if marks:
@@ -569,9 +567,8 @@ class DurableQueue:
         it was, or None when it is unknown; an entry not in doubt is left as it is."""
 
         def run(txn: Txn) -> Entry | None:
-            cursor = txn.conn.cursor()
-            cursor.row_factory = sqlite3.Row  # the writer's connection yields tuples
-            row = cursor.execute(f"{_ROW} WHERE id = ?", (entry_id,)).fetchone()
+            found = _rows(txn.conn, f"{_ROW} WHERE id = ?", (entry_id,))
+            row = found[0] if found else None
             if row is None:
                 return None
             entry = self._to_entry(row)
@@ -851,6 +848,20 @@ class DurableQueue:
             doubt=bool(row["doubt"]),
             doubts=row["doubts"],
         )
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+    """Rows read on the writer's connection as the reader sees them: ``sqlite3.Row`` with
+    stored text as bytes, so a row that is not UTF-8 becomes one unreadable entry instead of
+    failing the whole read."""
+    factory = conn.text_factory
+    conn.text_factory = bytes
+    try:
+        cursor = conn.cursor()
+        cursor.row_factory = sqlite3.Row
+        return cursor.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = factory
 
 
 def _text(value: object) -> str:
