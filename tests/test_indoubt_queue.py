@@ -14,6 +14,7 @@ from netwatch.clock import SystemClock
 from netwatch.config.schema import Lookup, LookupDedupe, Replay
 from netwatch.proxy.forward import Reply
 from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
+from netwatch.proxy.queue_file import APPLICATION_ID, SCHEMA_VERSION
 from netwatch.proxy.replay import Replayer
 
 T0 = 1_800_000_000.0
@@ -199,7 +200,8 @@ async def test_a_version_1_queue_file_is_upgraded_in_place(tmp_path: Path) -> No
         await q.mark_held("t2", reason="x", in_doubt=True, now=T0)
         assert (await q.stats(now=T0)).held == 1
     check = sqlite3.connect(db)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert check.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     check.close()
 

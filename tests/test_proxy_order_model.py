@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry
 from netwatch.config.schema import Proxy
 from netwatch.demo.simulator import Exchange, PopulationSimulator, SimulatorSettings
 from netwatch.events import EventHub
+from netwatch.proxy.crypto import default_key_path, load_key
 from netwatch.proxy.queue import DurableQueue
 from netwatch.proxy.station import StationProxy
 
@@ -239,7 +240,9 @@ class OrderMachine(RuleBasedStateMachine):
         time.sleep(seconds)
 
     async def _operator(self, action: Any) -> None:
-        opened = DurableQueue.open(self.db, max_bytes=2**62, max_age=3600.0, create=False)
+        # Another process, as `netwatch queue` is: with the key the proxy made beside it.
+        key = load_key(default_key_path(self.db))
+        opened = DurableQueue.open(self.db, max_bytes=2**62, max_age=3600.0, key=key, create=False)
         async with opened as q:
             await action(q)
 

@@ -734,7 +734,7 @@ class DurableQueue:
                     "SELECT COUNT(*) FROM entries INDEXED BY entries_doubt"
                     " WHERE doubt = 1 AND state IN ('queued', 'in_doubt')"
                 ).fetchone()[0]
-                held_keys = dict(conn.execute(_HELD_SQL).fetchall())
+                held_keys = {_text(k): n for k, n in conn.execute(_HELD_SQL).fetchall()}
                 held = conn.execute(
                     "SELECT entries FROM tally WHERE state = 'in_doubt'"
                 ).fetchone()[0]
