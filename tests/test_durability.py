@@ -51,7 +51,9 @@ async def test_the_writer_connection_commits_with_synchronous_full(tmp_path: Pat
 
 # 1234 12:00:00.123456 fdatasync(7</tmp/x/queue.db-wal> <unfinished ...>
 # 1234 12:00:00.123999 <... fdatasync resumed>) = 0
-_CALL = re.compile(r"^(?P<pid>\d+)\s+\S+\s+(?P<name>\w+)\((?P<fd>\d+)<(?P<path>[^>]*)>(?P<rest>.*)$")
+_CALL = re.compile(
+    r"^(?P<pid>\d+)\s+\S+\s+(?P<name>\w+)\((?P<fd>\d+)<(?P<path>[^>]*)>(?P<rest>.*)$"
+)
 _RESUMED = re.compile(r"^(?P<pid>\d+)\s+\S+\s+<\.\.\. (?P<name>\w+) resumed>")
 _TICKET = re.compile(r"Netwatch-Ticket: ([0-9a-f]{32})")
 _SYNCS = {"fsync", "fdatasync"}
@@ -130,7 +132,7 @@ async def test_no_202_leaves_the_proxy_before_the_fsync_that_covers_its_entry(
     ]
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "proxy.log").open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
             await wait_until(lambda: offline(session, url), timeout=60, interval=0.2)
@@ -138,10 +140,10 @@ async def test_no_202_leaves_the_proxy_before_the_fsync_that_covers_its_entry(
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
             proc.kill()
-            proc.wait(10)
+            await proc.wait()
     assert {status for status, _ in answers} == {202}, answers
     tickets = {ticket for _, ticket in answers if ticket}
     assert len(tickets) == WRITES

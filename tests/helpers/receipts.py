@@ -18,6 +18,7 @@ and ``elapsed_s``.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -45,7 +46,7 @@ def _explained(times: Sequence[float], disruptions: Sequence[float]) -> bool:
     ordered = sorted(times)
     return all(
         any(first - DISRUPTION_SLACK_S <= d <= second for d in disruptions)
-        for first, second in zip(ordered, ordered[1:], strict=False)
+        for first, second in itertools.pairwise(ordered)
     )
 
 
