@@ -91,6 +91,19 @@ async def ticket_state(client: aiohttp.ClientSession, proxy: StationProxy, ticke
         return await response.json()
 
 
+async def housekeeping_turns(proxy: StationProxy, turns: int = 2) -> None:
+    """Wait until the proxy's housekeeping re-read the queue ``turns`` times (once a second):
+    the positive sign that its loop, the replayer's 250 ms polls included, ran meanwhile."""
+    seen = [proxy._stats]
+
+    def turned() -> bool:
+        if proxy._stats is not seen[-1]:
+            seen.append(proxy._stats)
+        return len(seen) > turns
+
+    await wait_until(turned, timeout=15)
+
+
 async def post(
     client: aiohttp.ClientSession, proxy: StationProxy, body: dict[str, Any], **headers: str
 ) -> tuple[int, Any, CIMultiDictProxy[str]]:
@@ -260,7 +273,7 @@ async def test_black_holed_forward_is_queued_as_soon_as_the_guard_goes_down(
         proxy.set_guard("popdb-api", True)
         relay.mode = "blackhole"
         pending = asyncio.ensure_future(post(client, proxy, {"citizen_id": "9"}))
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: relay.bytes_swallowed > 0, message="the request in the hole")
         assert not pending.done()
         started = time.monotonic()
         proxy.set_guard("popdb-api", False)
@@ -293,8 +306,8 @@ async def test_replay_after_guard_recovery_is_in_order_per_key_and_applied_once(
         proxy.set_guard("popdb-api", False)
         assert proxy.mode == "offline"
         relay.mode = "pass"
-        await asyncio.sleep(0.3)
-        assert sim.applied == []  # nothing replays before the guard says the link is back
+        await housekeeping_turns(proxy)
+        assert sim.receipts == []  # nothing replays before the guard says the link is back
         proxy.set_guard("popdb-api", True)
         await wait_until(lambda: proxy.mode == "online", timeout=10)
         states = [await ticket_state(client, proxy, t) for t in tickets]
@@ -383,8 +396,8 @@ async def test_restart_with_a_backlog_waits_for_the_guard_then_replays(
         _, answer, _ = await post(client, proxy, {"citizen_id": "7"})
     async with running(settings) as proxy:
         assert (proxy.mode, proxy.status()["reason"]) == ("offline", "awaiting guard")
-        await asyncio.sleep(0.3)
-        assert sim.applied == []
+        await housekeeping_turns(proxy)
+        assert sim.receipts == []
         proxy.set_guard("popdb-api", True)
         await wait_until(lambda: proxy.mode == "online", timeout=10)
         assert (await ticket_state(client, proxy, answer["ticket"]))["state"] == "delivered"
