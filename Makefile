@@ -1,17 +1,18 @@
 # netwatch: one entry point per thing a person wants to do on a fresh machine.
 #   make demo   - create the venv, install, run the demo on loopback
 #   make test   - install Debian test tools + venv, then lint, type-check and run every test
+#   make mutation - mutation testing of the proxy and the state machines (outside CI, hours)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
-	prometheus-blackbox-exporter nftables iproute2 nginx-light
+	prometheus-blackbox-exporter nftables iproute2 nginx-light strace
 BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
 
-.PHONY: venv deps demo test lint typecheck unit bench clean
+.PHONY: venv deps demo test lint typecheck unit bench mutation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +61,16 @@ bench: deps venv
 	$(BIN)/python bench/replay.py
 	$(BIN)/python bench/mqtt_latency.py
 
+# Mutation testing, outside CI: mutmut (config in pyproject.toml, [tool.mutmut]) mutates the
+# proxy and the link and mode machines and runs the tests covering each mutant; it lists the
+# survivors at the end. MUTATE narrows it, e.g. make mutation MUTATE="'netwatch.link*'".
+# Bounded by MUTATION_TIMEOUT seconds; an interrupted run resumes where it stopped.
+MUTATE ?= 'netwatch.link*' 'netwatch.proxy.*'
+MUTATION_TIMEOUT ?= 14400
+mutation: deps venv
+	$(BIN)/pip install --quiet -e '.[dev,mutation]'
+	timeout $(MUTATION_TIMEOUT) $(BIN)/mutmut run --max-children 2 $(MUTATE) || true
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
