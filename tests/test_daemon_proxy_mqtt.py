@@ -9,7 +9,6 @@ is up; back to ``auto``, it replays the queued write once and forwards again.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,6 @@ from netwatch.simulator import PopulationSimulator
 pytestmark = pytest.mark.slow
 
 SITE = "q1-own-proxy"
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[PopulationSimulator]:
-    async with PopulationSimulator() as simulator:
-        yield simulator
 
 
 async def http(

@@ -6,13 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from test_proxy_mode import online, run
 
 from netwatch.link import Thresholds, explain
 from netwatch.proxy.mode import (
     BacklogChanged,
     GuardChanged,
     ModeEvent,
-    ModeState,
     ModeSwitch,
     Override,
     PassiveFailure,
@@ -30,21 +30,6 @@ def test_explain_names_only_what_is_over_a_threshold_not_at_it() -> None:
     assert explain(True, 0.8, 0.2, TH) == ""
     assert explain(True, 0.801, 0.2, TH) == "latency 801 ms over 800 ms"
     assert explain(True, 0.8, 0.21, TH) == "loss 21% over 20%"
-
-
-def feed(state: ModeState, *events: ModeEvent) -> tuple[ModeState, list[ModeSwitch]]:
-    switches: list[ModeSwitch] = []
-    now = state.since
-    for event in events:
-        now += timedelta(seconds=0.1)
-        state, effects = step(state, event, now)
-        switches.extend(effects)
-    return state, switches
-
-
-def online() -> ModeState:
-    state, _ = feed(initial(T0), GuardChanged(all_ok=True))
-    return state
 
 
 @pytest.mark.parametrize(
@@ -65,7 +50,7 @@ def online() -> ModeState:
 )
 def test_every_rule_names_its_reason(events: list[ModeEvent], mode: str, reason: str) -> None:
     # The reason is published with the mode (MQTT {site}/mode) and shown on the status page.
-    state, switches = feed(online(), *events)
+    state, switches = run(online(), *events)
     assert (state.mode, state.reason) == (mode, reason)
     assert (switches[-1].mode, switches[-1].reason) == (mode, reason)
 
@@ -79,19 +64,19 @@ def test_a_switch_says_when_it_happened() -> None:
 
 
 def test_the_passive_failure_hold_is_the_one_given() -> None:
-    state, _ = feed(initial(T0, hold=1.5), GuardChanged(all_ok=True), PassiveFailure("reset"))
+    state, _ = run(initial(T0, hold=1.5), GuardChanged(all_ok=True), PassiveFailure("reset"))
     assert state.suspect_until == state.since + timedelta(seconds=1.5)
 
 
 def test_only_a_forced_online_ends_a_passive_failure_hold_early() -> None:
-    held, _ = feed(online(), PassiveFailure("reset"))
+    held, _ = run(online(), PassiveFailure("reset"))
     # "auto" or "offline" from the operator is no evidence the upstream is back.
     for command in ("auto", "offline"):
-        state, _ = feed(held, Override(command), Override("auto"))  # type: ignore[arg-type]
+        state, _ = run(held, Override(command), Override("auto"))  # type: ignore[arg-type]
         assert (state.mode, state.reason) == ("offline", "passive: reset")
     # A forced "online" is: the operator takes the responsibility.
-    state, _ = feed(held, Override("online"))
+    state, _ = run(held, Override("online"))
     assert (state.mode, state.suspect_until) == ("online", None)
     # ... and a new passive failure after it still beats the operator's "online".
-    state, _ = feed(state, PassiveFailure("refused"))
+    state, _ = run(state, PassiveFailure("refused"))
     assert (state.mode, state.reason) == ("offline", "passive: refused")

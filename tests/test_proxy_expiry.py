@@ -8,7 +8,6 @@ queue, the proxy, its HTTP server and the simulator are real.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,6 @@ from netwatch.proxy import station
 from netwatch.simulator import PopulationSimulator
 
 MAX_AGE = 4.0
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[PopulationSimulator]:
-    async with PopulationSimulator() as simulator:
-        yield simulator
 
 
 async def test_running_proxy_expires_entries_past_max_age_and_keeps_younger_ones(

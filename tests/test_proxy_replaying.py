@@ -24,12 +24,6 @@ RATE = "4/s"  # two seconds of replay for the backlog
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[PopulationSimulator]:
-    async with PopulationSimulator() as simulator:
-        yield simulator
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

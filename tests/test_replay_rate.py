@@ -7,7 +7,6 @@ The fast rate is 25 times the slow one, so generous bounds still tell them apart
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,6 @@ def window(peak_now: bool) -> dict[str, Any]:
     start = now - timedelta(hours=2) if peak_now else now + timedelta(hours=2)
     end = start + timedelta(hours=4) if peak_now else start + timedelta(hours=1)
     return {"days": ["mon-sun"], "start": start.strftime("%H:%M"), "end": end.strftime("%H:%M")}
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[PopulationSimulator]:
-    async with PopulationSimulator() as simulator:
-        yield simulator
 
 
 async def mode_is(proxy: ProxyProcess, mode: str) -> dict[str, Any] | None:
