@@ -4,6 +4,7 @@ SQLite queue with an injected ``send``."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -91,6 +92,7 @@ async def replaying(
     rate: float = 1e6,
     active: Callable[[], bool] = lambda: True,
     network_errors: list[str] | None = None,
+    rand: Callable[[], float] = random.random,
 ) -> AsyncIterator[list[tuple[str, Outcome]]]:
     results: list[tuple[str, Outcome]] = []
     errors = network_errors if network_errors is not None else []
@@ -105,6 +107,7 @@ async def replaying(
         on_network_error=errors.append,
         concurrency=8,
         poll=0.02,
+        rand=rand,
     )
     task = asyncio.get_running_loop().create_task(replayer.run())
     try:
