@@ -5,12 +5,14 @@ date given with the ``-0000`` zone."""
 from __future__ import annotations
 
 import time
+from email.utils import formatdate
 from pathlib import Path
 
+import pytest
 from helpers.servers import wait_until
 from test_replay import NOW, fill, replaying, watched
 
-from netwatch.proxy.forward import Reply
+from netwatch.proxy.forward import Reply, UpstreamFailure
 from netwatch.proxy.queue import Entry
 from netwatch.proxy.replay import parse_retry_after
 
@@ -40,3 +42,44 @@ async def test_retries_back_off_from_backoff_initial_doubling_and_keep_the_statu
     assert 0.05 <= second.next_attempt_at - first_at < 0.05 + 0.04
     assert (third.attempts, third.upstream_status) == (2, 503)
     assert 0.1 <= third.next_attempt_at - second_at < 0.1 + 0.04
+
+
+async def test_a_retry_after_date_is_honoured_and_a_delivery_is_stamped(tmp_path: Path) -> None:
+    calls: list[tuple[float, Entry]] = []
+
+    async def send(entry: Entry) -> Reply:
+        calls.append((time.time(), entry))
+        if len(calls) == 1:
+            return Reply(503, formatdate(time.time() + 2, usegmt=True), b"")
+        return Reply(201, None, b"")
+
+    async with watched(tmp_path / "q.db") as queue:
+        await fill(queue, ["a"], per_key=1)
+        async with replaying(queue, send, rand=lambda: 0.0) as results:
+            await wait_until(lambda: len(results) == 2, timeout=10)
+        (first_at, entry), (_, retried) = calls
+        delivered = await queue.get(entry.id)
+    # An HTTP-date has whole seconds: 2 s ahead is more than 1 s, never the 50 ms backoff.
+    assert retried.next_attempt_at - first_at > 1.0
+    assert [outcome for _, outcome in results] == ["retried", "delivered"]
+    assert delivered is not None
+    assert delivered.delivered_at is not None
+    assert delivered.delivered_at == pytest.approx(time.time(), abs=5)
+
+
+async def test_a_network_error_is_reported_as_retried_so_the_backlog_is_not_counted_down(
+    tmp_path: Path,
+) -> None:
+    failures = [UpstreamFailure("connection reset")]
+
+    async def send(entry: Entry) -> Reply:
+        if failures:
+            raise failures.pop()
+        return Reply(201, None, b"")
+
+    async with watched(tmp_path / "q.db") as queue:
+        await fill(queue, ["a"], per_key=1)
+        async with replaying(queue, send, rand=lambda: 0.0) as results:
+            await wait_until(lambda: len(results) == 2, timeout=10)
+    # The proxy counts its backlog down on every outcome but "retried" (station.py).
+    assert [outcome for _, outcome in results] == ["retried", "delivered"]
