@@ -83,3 +83,17 @@ async def test_a_network_error_is_reported_as_retried_so_the_backlog_is_not_coun
             await wait_until(lambda: len(results) == 2, timeout=10)
     # The proxy counts its backlog down on every outcome but "retried" (station.py).
     assert [outcome for _, outcome in results] == ["retried", "delivered"]
+
+
+async def test_a_rejected_entry_keeps_the_upstream_answer(tmp_path: Path) -> None:
+    answer = b'{"error": "validation_failed", "detail": "citizen_id"}'
+
+    async def send(entry: Entry) -> Reply:
+        return Reply(422, None, answer)
+
+    async with watched(tmp_path / "q.db") as queue:
+        await fill(queue, ["a"], per_key=1)
+        async with replaying(queue, send) as results:
+            await wait_until(lambda: results, timeout=10)
+        (dead,) = await queue.list(state="dead")
+    assert (dead.reason, dead.upstream_status, dead.upstream_body) == ("rejected", 422, answer)
