@@ -4,17 +4,21 @@ date given with the ``-0000`` zone."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from email.utils import formatdate
 from pathlib import Path
+from typing import cast
 
 import pytest
 from helpers.servers import wait_until
 from test_replay import NOW, fill, replaying, watched
 
+from netwatch.clock import SystemClock
+from netwatch.config import Replay
 from netwatch.proxy.forward import Reply, UpstreamFailure
-from netwatch.proxy.queue import Entry
-from netwatch.proxy.replay import parse_retry_after
+from netwatch.proxy.queue import DurableQueue, Entry
+from netwatch.proxy.replay import Replayer, Send, parse_retry_after
 
 
 def test_retry_after_http_date_without_a_zone_name_is_utc() -> None:
@@ -97,3 +101,48 @@ async def test_a_rejected_entry_keeps_the_upstream_answer(tmp_path: Path) -> Non
             await wait_until(lambda: results, timeout=10)
         (dead,) = await queue.list(state="dead")
     assert (dead.reason, dead.upstream_status, dead.upstream_body) == ("rejected", 422, answer)
+
+
+def test_the_rate_is_peak_rate_inside_peak_hours_and_rate_outside() -> None:
+    peak = [True]
+    replayer = Replayer(
+        cast(DurableQueue, None),
+        cast(Send, None),
+        Replay(rate=50.0, peak_rate=5.0),
+        clock=SystemClock(),
+        is_peak=lambda: peak[0],
+        active=lambda: True,
+        on_result=lambda *_: None,
+        on_network_error=lambda _: None,
+    )
+    assert replayer.rate() == 5.0
+    peak[0] = False
+    assert replayer.rate() == 50.0
+
+
+async def test_in_flight_replays_reach_the_concurrency_and_never_pass_it(tmp_path: Path) -> None:
+    in_flight, peak = [0], [0]
+    release = asyncio.Event()
+
+    async def send(entry: Entry) -> Reply:
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        await release.wait()
+        in_flight[0] -= 1
+        return Reply(201, None, b"")
+
+    asked = [0]  # the dispatcher asks at each turn of its loop
+
+    def active() -> bool:
+        asked[0] += 1
+        return True
+
+    async with watched(tmp_path / "q.db") as queue:
+        await fill(queue, [f"k{n}" for n in range(20)], per_key=1)
+        async with replaying(queue, send, active=active) as results:  # concurrency 8
+            await wait_until(lambda: in_flight[0] >= 8, timeout=10)
+            since = asked[0]  # a few more turns with all 8 busy: none sends a ninth
+            await wait_until(lambda: asked[0] >= since + 3, timeout=10)
+            release.set()
+            await wait_until(lambda: len(results) == 20, timeout=10)
+    assert peak[0] == 8
