@@ -1,0 +1,76 @@
+"""Online forwarding sends a request that is not idempotent once, whatever happens; a safe one
+gets one immediate retry when its connection dies (a stale keep-alive connection is not a lost
+link); and ``/_netwatch/healthz`` says 503 when the queue cannot be read.
+
+Found by mutation testing (``make mutation``): nothing failed when a body-less POST to a
+path that is not replayable was retried after a reset, i.e. sent twice upstream.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from helpers.servers import run_http_server
+from test_proxy import make_settings, running
+
+
+def resetting_upstream(received: list[str], resets: int) -> web.Application:
+    """Records each request, resets the connection of the first ``resets`` ones (after
+    reading them: the upstream got the request, the proxy gets no answer)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        received.append(f"{request.method} {request.path}")
+        if len(received) <= resets and request.transport is not None:
+            sock = request.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.transport.abort()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def test_a_post_that_is_not_replayable_is_sent_once_even_when_reset(tmp_path: Path) -> None:
+    received: list[str] = []
+    async with (
+        run_http_server(resetting_upstream(received, resets=1)) as upstream,
+        running(make_settings(tmp_path, upstream)) as proxy,
+        aiohttp.ClientSession() as client,
+        client.post(f"{proxy.url}/counter/print") as response,
+    ):
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_failed"
+    assert received == ["POST /counter/print"]
+
+
+async def test_a_safe_request_is_retried_once_when_its_connection_dies(tmp_path: Path) -> None:
+    received: list[str] = []
+    async with (
+        run_http_server(resetting_upstream(received, resets=1)) as upstream,
+        running(make_settings(tmp_path, upstream)) as proxy,
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}/api/citizens/1") as response,
+    ):
+        assert response.status == 200
+        assert proxy.mode == "online"  # one dead connection is not a lost link
+    assert received == ["GET /api/citizens/1"] * 2
+
+
+async def test_healthz_says_503_when_the_queue_cannot_be_read(tmp_path: Path) -> None:
+    async with (
+        run_http_server(resetting_upstream([], resets=0)) as upstream,
+        running(make_settings(tmp_path, upstream)) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
+            assert (response.status, await response.json()) == (200, {"ok": True})
+        proxy.queue._rconn.close()  # the queue's reader is gone: nothing can be read
+        async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
+            assert response.status == 503
+            assert await response.json() == {"ok": False, "error": "queue_unusable"}
