@@ -15,7 +15,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from helpers.servers import run_http_server
+from prometheus_client import CollectorRegistry
 from test_proxy import make_settings, running
+
+from netwatch.simulator import PopulationSimulator
 
 
 def resetting_upstream(received: list[str], resets: int) -> web.Application:
@@ -36,30 +39,56 @@ def resetting_upstream(received: list[str], resets: int) -> web.Application:
     return app
 
 
+def requests_total(registry: CollectorRegistry, method: str, outcome: str) -> float | None:
+    labels = {"site": "q1", "method": method, "outcome": outcome}
+    return registry.get_sample_value("netwatch_proxy_requests_total", labels)
+
+
 async def test_a_post_that_is_not_replayable_is_sent_once_even_when_reset(tmp_path: Path) -> None:
     received: list[str] = []
+    registry = CollectorRegistry()
     async with (
         run_http_server(resetting_upstream(received, resets=1)) as upstream,
-        running(make_settings(tmp_path, upstream)) as proxy,
+        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
         aiohttp.ClientSession() as client,
         client.post(f"{proxy.url}/counter/print") as response,
     ):
         assert response.status == 502
-        assert (await response.json())["error"] == "upstream_failed"
+        body = await response.json()
+        assert (body["error"], body["reason"]) == ("upstream_failed", "connection reset")
     assert received == ["POST /counter/print"]
+    assert requests_total(registry, "POST", "failed") == 1.0
 
 
 async def test_a_safe_request_is_retried_once_when_its_connection_dies(tmp_path: Path) -> None:
     received: list[str] = []
+    registry = CollectorRegistry()
     async with (
         run_http_server(resetting_upstream(received, resets=1)) as upstream,
-        running(make_settings(tmp_path, upstream)) as proxy,
+        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
         aiohttp.ClientSession() as client,
         client.get(f"{proxy.url}/api/citizens/1") as response,
     ):
         assert response.status == 200
         assert proxy.mode == "online"  # one dead connection is not a lost link
     assert received == ["GET /api/citizens/1"] * 2
+    assert requests_total(registry, "GET", "forwarded") == 1.0
+
+
+async def test_an_upstream_503_on_a_read_is_relayed_counted_failed_and_goes_offline(
+    tmp_path: Path, sim: PopulationSimulator
+) -> None:
+    registry = CollectorRegistry()
+    sim.control(reject_next=1, reject_status=503)
+    async with (
+        running(make_settings(tmp_path, sim.url), registry=registry) as proxy,
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}/api/citizens/1") as response,
+    ):
+        assert response.status == 503
+        assert (await response.json())["error"] == "injected"  # the upstream's own answer
+        assert (proxy.mode, proxy.status()["reason"]) == ("offline", "passive: upstream 503")
+    assert requests_total(registry, "GET", "failed") == 1.0
 
 
 async def test_healthz_says_503_when_the_queue_cannot_be_read(tmp_path: Path) -> None:
