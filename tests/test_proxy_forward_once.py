@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from helpers.servers import run_http_server
 from prometheus_client import CollectorRegistry
-from test_proxy import make_settings, running
+from test_proxy import make_settings, post, running
 
 from netwatch.simulator import PopulationSimulator
 
@@ -103,3 +103,30 @@ async def test_healthz_says_503_when_the_queue_cannot_be_read(tmp_path: Path) ->
         async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
             assert response.status == 503
             assert await response.json() == {"ok": False, "error": "queue_unusable"}
+
+
+async def test_refused_and_unstorable_writes_are_counted_and_never_answered_202(
+    tmp_path: Path, sim: PopulationSimulator
+) -> None:
+    registry = CollectorRegistry()
+    queue = {"path": str(tmp_path / "q.db"), "max_bytes": "20KiB"}
+    settings = make_settings(tmp_path, sim.url, queue=queue)
+    async with (
+        running(settings, registry=registry) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        proxy.override("offline")
+        statuses = []
+        for seq in range(6):
+            status, _, _ = await post(client, proxy, {"seq": seq, "pad": "p" * 8000})
+            statuses.append(status)
+        assert statuses.count(202) >= 1
+        assert statuses.count(507) >= 1
+        assert requests_total(registry, "POST", "rejected") == statuses.count(507)
+        assert requests_total(registry, "POST", "queued") == statuses.count(202)
+
+        await proxy.queue._w.close()  # the disk is gone: nothing more can be stored
+        status, body, headers = await post(client, proxy, {"seq": 99})
+        assert (status, body) == (503, {"error": "queue_unavailable", "mode": "offline"})
+        assert headers["Retry-After"].isdigit()
+        assert requests_total(registry, "POST", "failed") == 1.0
