@@ -130,3 +130,32 @@ async def test_refused_and_unstorable_writes_are_counted_and_never_answered_202(
         assert (status, body) == (503, {"error": "queue_unavailable", "mode": "offline"})
         assert headers["Retry-After"].isdigit()
         assert requests_total(registry, "POST", "failed") == 1.0
+
+
+async def test_max_body_is_the_largest_body_allowed_and_a_read_keeps_its_headers(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[str, str | None, int]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("X-Station"), len(await request.read())))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    registry = CollectorRegistry()
+    async with (
+        run_http_server(app) as upstream,
+        running(make_settings(tmp_path, upstream, max_body=1000), registry=registry) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        url = f"{proxy.url}/api/applications"
+        async with client.post(url, data=b"x" * 1000) as response:
+            assert response.status == 200
+        async with client.post(url, data=b"x" * 1001) as response:
+            assert response.status == 413
+            assert await response.json() == {"error": "body_too_large", "max_body": 1000}
+        async with client.get(f"{proxy.url}/api/citizens/1", headers={"X-Station": "s-7"}) as r:
+            assert r.status == 200
+    assert seen == [("POST", None, 1000), ("GET", "s-7", 0)]
+    assert requests_total(registry, "POST", "rejected") == 1.0
