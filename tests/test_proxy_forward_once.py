@@ -13,10 +13,11 @@ import struct
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from helpers.servers import run_http_server
 from prometheus_client import CollectorRegistry
-from test_proxy import make_settings, post, running
+from test_proxy import dying_upstream, make_settings, post, running
 
 from netwatch.simulator import PopulationSimulator
 
@@ -159,3 +160,17 @@ async def test_max_body_is_the_largest_body_allowed_and_a_read_keeps_its_headers
             assert r.status == 200
     assert seen == [("POST", None, 1000), ("GET", "s-7", 0)]
     assert requests_total(registry, "POST", "rejected") == 1.0
+
+
+async def test_a_response_cut_mid_body_is_counted_failed(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    async with (
+        run_http_server(dying_upstream()) as upstream,
+        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}/api/citizens/1") as response,
+    ):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert requests_total(registry, "GET", "failed") == 1.0
+    assert requests_total(registry, "GET", "forwarded") is None
