@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +21,7 @@ from helpers.servers import run_http_server
 from prometheus_client import CollectorRegistry
 from test_proxy import dying_upstream, make_settings, post, running
 
+from netwatch.proxy.station import StationProxy
 from netwatch.simulator import PopulationSimulator
 
 
@@ -40,6 +43,19 @@ def resetting_upstream(received: list[str], resets: int) -> web.Application:
     return app
 
 
+@asynccontextmanager
+async def proxied(
+    tmp_path: Path, app: web.Application, registry: CollectorRegistry
+) -> AsyncIterator[tuple[StationProxy, aiohttp.ClientSession]]:
+    """A running proxy in front of ``app``, and a client session."""
+    async with (
+        run_http_server(app) as upstream,
+        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        yield proxy, client
+
+
 def requests_total(registry: CollectorRegistry, method: str, outcome: str) -> float | None:
     labels = {"site": "q1", "method": method, "outcome": outcome}
     return registry.get_sample_value("netwatch_proxy_requests_total", labels)
@@ -49,9 +65,10 @@ async def test_a_post_that_is_not_replayable_is_sent_once_even_when_reset(tmp_pa
     received: list[str] = []
     registry = CollectorRegistry()
     async with (
-        run_http_server(resetting_upstream(received, resets=1)) as upstream,
-        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
-        aiohttp.ClientSession() as client,
+        proxied(tmp_path, resetting_upstream(received, resets=1), registry) as (
+            proxy,
+            client,
+        ),
         client.post(f"{proxy.url}/counter/print") as response,
     ):
         assert response.status == 502
@@ -65,9 +82,10 @@ async def test_a_safe_request_is_retried_once_when_its_connection_dies(tmp_path:
     received: list[str] = []
     registry = CollectorRegistry()
     async with (
-        run_http_server(resetting_upstream(received, resets=1)) as upstream,
-        running(make_settings(tmp_path, upstream), registry=registry) as proxy,
-        aiohttp.ClientSession() as client,
+        proxied(tmp_path, resetting_upstream(received, resets=1), registry) as (
+            proxy,
+            client,
+        ),
         client.get(f"{proxy.url}/api/citizens/1") as response,
     ):
         assert response.status == 200
