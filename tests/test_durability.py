@@ -11,8 +11,11 @@ the entry its ticket names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +98,17 @@ def parse_trace(text: str, tickets: set[str]) -> Trace:
     return trace
 
 
+def signal_children(pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the direct children of ``pid`` (strace's tracee)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child), sig)
+
+
 async def post(session: aiohttp.ClientSession, url: str, seq: int) -> tuple[int, str | None]:
     headers = {"Idempotency-Key": f"fsync-{seq}", "Netwatch-Order-Key": "st-1"}
     async with session.post(f"{url}/api/applications", json={"seq": seq}, headers=headers) as r:
@@ -138,10 +152,13 @@ async def test_no_202_leaves_the_proxy_before_the_fsync_that_covers_its_entry(
             await wait_until(lambda: offline(session, url), timeout=60, interval=0.2)
             answers = await asyncio.gather(*(post(session, url, n) for n in range(WRITES)))
     finally:
-        proc.terminate()
+        # SIGTERM to strace would only detach it and leave the proxy running: stop the
+        # proxy, and strace ends with it.
+        signal_children(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 20)
         except TimeoutError:
+            signal_children(proc.pid, signal.SIGKILL)
             proc.kill()
             await proc.wait()
     assert {status for status, _ in answers} == {202}, answers
