@@ -2,6 +2,7 @@
 #   make demo   - create the venv, install, run the demo on loopback
 #   make test   - install Debian test tools + venv, then lint, type-check and run every test
 #   make install - as root: netwatch in its own venv under PREFIX, a systemd unit (docs/install.md)
+#   make mutation - mutation testing of the proxy and the state machines (outside CI, hours)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := mosquitto mosquitto-clients prometheus prometheus-alertmanager \
 	prometheus-blackbox-exporter nftables iproute2 nginx-light victoria-metrics chromium systemd \
-	faketime
+	faketime strace
 BENCH_APT_PACKAGES := wrk
 PYTEST_ARGS ?=
 # make install: where netwatch goes (deploy/install.sh says what each one is for).
@@ -19,7 +20,7 @@ UNITDIR ?= /etc/systemd/system
 BINDIR ?= /usr/local/bin
 SYSTEMD ?= auto
 
-.PHONY: venv deps demo test lint typecheck unit bench clean install
+.PHONY: venv deps demo test lint typecheck unit bench mutation clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,5 +74,16 @@ install:
 	PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" UNITDIR="$(UNITDIR)" BINDIR="$(BINDIR)" \
 		SYSTEMD="$(SYSTEMD)" PYTHON="$(PYTHON)" bash deploy/install.sh
 
+# Mutation testing, outside CI: mutmut (config in pyproject.toml, [tool.mutmut]) mutates the
+# proxy and the link and mode machines and runs the tests covering each mutant; it lists the
+# survivors at the end. MUTATE narrows it, e.g. make mutation MUTATE="'netwatch.monitor.link*'".
+# Bounded by MUTATION_TIMEOUT seconds; an interrupted run resumes where it stopped.
+MUTATE ?= 'netwatch.monitor.link*' 'netwatch.proxy.*'
+MUTATION_TIMEOUT ?= 14400
+mutation: deps venv
+	$(BIN)/pip install --quiet -e '.[dev,mutation]'
+	timeout $(MUTATION_TIMEOUT) $(BIN)/mutmut run --max-children 2 $(MUTATE) || true
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -7,7 +7,9 @@
 so the upstream costs as little CPU as possible): ``POST /api/applications`` answers 200
 ``{"id": N, "status": "accepted"}``, any ``GET`` (``/health`` included) 200
 ``{"status": "ok"}``, anything else 404. Bodies are read by ``Content-Length``; pipelined
-requests are answered in order.
+requests are answered in order. It counts the writes it receives per ``Idempotency-Key``: the
+line ``receipts`` on stdin answers ``{"receipts": N, "keys": K, "repeated": R}`` (R keys
+received more than once), so a benchmark can tell a fast proxy from one that sends twice.
 
 ``relay`` forwards TCP from a loopback port to ``127.0.0.1:TARGET`` and reads commands on
 stdin, one a line, answering ``ok MODE`` on stdout once applied:
@@ -35,7 +37,9 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 HERE = Path(__file__).resolve()
 BACKLOG = 4096
@@ -55,10 +59,20 @@ NOT_FOUND = _response("404 Not Found", b'{"error": "not_found"}')
 BAD = _response("400 Bad Request", b'{"error": "bad_request"}', close=True)
 
 
+def _fields(lines: list[str]) -> dict[str, str]:
+    """Header fields by lower-case name (the last one wins), values stripped."""
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return fields
+
+
 class _Http(asyncio.Protocol):
     """One keep-alive connection: parse heads, skip bodies by Content-Length, answer."""
 
     created = 0
+    receipts: ClassVar[Counter[str]] = Counter()  # writes received per Idempotency-Key
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -80,22 +94,20 @@ class _Http(asyncio.Protocol):
             lines = head.split("\r\n")
             method, _, rest = lines[0].partition(" ")
             path = rest.partition(" ")[0].partition("?")[0]
-            length, close = 0, False
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                name = name.strip().lower()
-                if name == "content-length":
-                    length = int(value)
-                elif name == "connection":
-                    close = value.strip().lower() == "close"
-                elif name == "transfer-encoding":
-                    self._answer(BAD, close=True)  # not needed by the benchmarks
-                    return
+            fields = _fields(lines[1:])
+            if "transfer-encoding" in fields:
+                self._answer(BAD, close=True)  # not needed by the benchmarks
+                return
+            length = int(fields.get("content-length", "0"))
+            close = fields.get("connection", "").lower() == "close"
+            key = fields.get("idempotency-key", "")
             if len(self.buf) < end + 4 + length:
                 return  # the body is still coming
             del self.buf[: end + 4 + length]
             if method == "POST" and path == "/api/applications":
                 _Http.created += 1
+                if key:  # sent directly (no proxy in between), a write has none
+                    _Http.receipts[key] += 1
                 body = b'{"id": %d, "status": "accepted"}' % _Http.created
                 self._answer(_response("200 OK", body, close=close), close=close)
             elif method == "GET":
@@ -202,8 +214,12 @@ async def serve(max_seconds: float) -> None:
     stdin = await _stdin_lines()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max_seconds):
-            while await stdin.readline():
-                pass
+            while line := await stdin.readline():
+                if line.strip() == b"receipts":
+                    counts = _Http.receipts
+                    repeated = sum(1 for n in counts.values() if n > 1)
+                    total = {"receipts": counts.total(), "keys": len(counts), "repeated": repeated}
+                    print(json.dumps(total), flush=True)
     server.close()
 
 
@@ -262,6 +278,15 @@ def command(proc: subprocess.Popen[str], mode: str, timeout: float = 5.0) -> Non
     answer = _readline(proc, timeout).strip()
     if answer != f"ok {mode}":
         raise RuntimeError(f"relay answered {answer!r} to {mode!r}")
+
+
+def receipts(proc: subprocess.Popen[str], timeout: float = 5.0) -> dict[str, int]:
+    """What a ``serve`` child received: writes, distinct keys, keys received twice or more."""
+    assert proc.stdin is not None
+    proc.stdin.write("receipts\n")
+    proc.stdin.flush()
+    counts: dict[str, int] = json.loads(_readline(proc, timeout))
+    return counts
 
 
 def main() -> None:

@@ -107,6 +107,7 @@ async def scenario(
         started = time.perf_counter()
         results = await asyncio.gather(*(one(n) for n in range(1, writes + 1)))
         elapsed = time.perf_counter() - started
+        received, twice = len(sim.receipts), len(sim.received_more_than_once())
     latencies = [lat for _, lat in results]
     statuses = {s for s, _ in results}
     print(
@@ -114,6 +115,7 @@ async def scenario(
         f" offline: p50 {statistics.median(latencies) * 1000:6.2f} ms"
         f"  p99 {pct(latencies, 0.99) * 1000:6.2f} ms  max {max(latencies) * 1000:6.2f} ms"
         f"  {writes / elapsed:6.0f} writes/s  statuses {sorted(statuses)}"
+        f"  upstream received {received} writes ({twice} keys twice)"
     )
 
 

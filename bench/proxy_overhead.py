@@ -733,6 +733,11 @@ async def run(args: Namespace) -> None:
                     await latency(ports, args)
                 if "throughput" in args.sections:
                     throughput(ports, pids, tmp, args)
+            got = _upstream.receipts(up_proc)
+            print(
+                f"\nupstream received {got['receipts']} keyed writes under {got['keys']} keys;"
+                f" keys received more than once: {got['repeated']}"
+            )
             if "failover" in args.sections and not args.no_failover:
                 await failover(tmp, upstream, args)
 

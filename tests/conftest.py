@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from netwatch.demo.simulator import PopulationSimulator
+
 
 @pytest.fixture
 async def tcp_upstream() -> AsyncIterator[int]:
@@ -18,3 +20,10 @@ async def tcp_upstream() -> AsyncIterator[int]:
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     async with server:
         yield server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[PopulationSimulator]:
+    """The population-database simulator on a free loopback port (modules may override)."""
+    async with PopulationSimulator() as simulator:
+        yield simulator

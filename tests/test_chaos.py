@@ -65,12 +65,17 @@ def chaos_plan(rng: random.Random, duration: float, kills: int) -> list[Step]:
     return sorted(steps, key=lambda s: s.at)
 
 
-async def run_plan(plan: list[Step], relay: FaultRelay, proxy: ProxyProcess) -> None:
+async def run_plan(
+    plan: list[Step], relay: FaultRelay, proxy: ProxyProcess, sim: PopulationSimulator
+) -> list[float]:
+    """Carry the plan out; returns when each fault struck, in simulator time."""
+    struck: list[float] = []
     started = time.monotonic()
     for step in plan:
         delay = started + step.at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        struck.append(sim.elapsed())
         if step.action == "kill":
             await proxy.sigkill()
             await asyncio.sleep(step.pause)
@@ -78,6 +83,7 @@ async def run_plan(plan: list[Step], relay: FaultRelay, proxy: ProxyProcess) -> 
             await proxy.wait_ready()
         else:
             relay.set_mode(cast(RelayMode, step.action))
+    return struck
 
 
 @pytest.fixture
@@ -151,7 +157,7 @@ async def test_acknowledged_writes_survive_link_flaps_and_sigkills(
         async with asyncio.TaskGroup() as tg:
             for station in stations:
                 tg.create_task(station.run(stop))
-            await run_plan(plan, relay, proxy)
+            struck = await run_plan(plan, relay, proxy, sim)
             relay.set_mode("pass")
             stop.set()
         status = await eventually(lambda: drained(proxy), 45.0, "the queue to drain")
@@ -210,6 +216,14 @@ async def test_acknowledged_writes_survive_link_flaps_and_sigkills(
             if receipts.get(item.key, 0) - 1 > doubts + item.tries - 1:
                 unrecorded.append(f"{item.key}: {receipts[item.key]} receipts, {doubts} in doubt")
         assert not unrecorded, f"sent again without a record: {unrecorded[:20]}"
+        # And every acknowledged write was received; a second send only when the station
+        # itself retried, or a kill or link fault struck between the two sends.
+        assert_received_once(
+            sim.receipts,
+            [item.key for item in items if item.acknowledged and not item.invalid],
+            resent={item.key for item in items if item.tries > 1},
+            disruptions=struck,
+        )
 
         acked = {item.key for item in items if item.acknowledged and not item.invalid}
         violations = order_violations(applied, acked)

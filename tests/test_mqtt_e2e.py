@@ -96,14 +96,17 @@ async def test_fresh_subscriber_gets_retained_status_link_and_mode(
             lambda: _published_at_least(daemon, 3), 10, "status, mode and link published"
         )
         expected = {f"{P}/status", LINK, f"{P}/mode"}
+        marker = f"{P}/test-marker"
         async with watch(broker, f"{P}/#") as fresh:
             await fresh.wait_for(
                 lambda: expected <= {m.topic for m in fresh.received} and link_state(fresh),
                 10,
                 "retained status, link and mode",
             )
-            await asyncio.sleep(0.3)  # anything else the broker holds for us
-        assert all(m.retain for m in fresh.received)
+            # Published after we subscribed: it comes after anything else the broker held.
+            await fresh.publish(marker, {"marker": True})
+            await fresh.wait_for(lambda: fresh.on(marker), 10, "our own marker")
+        assert all(m.retain for m in fresh.received if m.topic != marker)
         assert not fresh.on(f"{P}/alerts")
         status = fresh.latest(f"{P}/status")
         assert status["online"] is True
@@ -293,6 +296,10 @@ async def _metric_is(daemon: DaemonProcess, name: str, value: float) -> bool:
     return await daemon.value(name, site=SITE) == value
 
 
+async def _rounds_past(daemon: DaemonProcess, rounds: int) -> bool:
+    return await _rounds(daemon) >= rounds
+
+
 async def _rounds(daemon: DaemonProcess) -> int:
     for target in (await daemon.status())["targets"]:
         if target["name"] == TARGET:
@@ -420,12 +427,16 @@ async def test_operator_command_switches_a_separate_proxy_process_and_bad_ones_a
             await eventually(
                 lambda: _commands(daemon, "invalid", 3), 10, "malformed commands counted"
             )
-            await asyncio.sleep(0.5)  # would a bad command have changed anything?
             assert daemon.proc.poll() is None
             assert (await daemon.status())["mode"]["mode"] == "online"
-            assert len(operator.on(f"{P}/mode")) == mode_messages
             assert (await proxy_status(px))["mode"] == "online"
-            assert await daemon.value("netwatch_mqtt_commands_total", outcome="applied") == 2
+            # A good command after the bad ones: its mode message comes after any they caused.
+            await operator.publish(f"{P}/cmd/mode", {"mode": "offline"})
+            await operator.wait_for(lambda: mode_of(operator) == "offline", 10, "site offline")
+            assert [m.payload["mode"] for m in operator.on(f"{P}/mode")[mode_messages:]] == [
+                "offline"
+            ]
+            assert await daemon.value("netwatch_mqtt_commands_total", outcome="applied") == 3
 
 
 async def _commands(daemon: DaemonProcess, outcome: str, count: int) -> bool:
@@ -459,8 +470,14 @@ async def test_flapping_link_fires_once_and_resolves_once_after_it_settles(
             last_up = sub.on(LINK)[-1].at
             resolved_at = sub.on(f"{P}/alerts")[1].at
             assert resolved_at - last_up >= hold_down - 0.1
-            # Quiet afterwards: nothing more is pending.
-            await asyncio.sleep(hold_down + 1.5)
+            # Quiet afterwards: nothing more is pending. The sign that it would have come:
+            # the daemon's own loop ran a hold-down and more since (its probe rounds).
+            rounds = await _rounds(daemon)
+            await eventually(
+                lambda: _rounds_past(daemon, rounds + round((hold_down + 1.5) / INTERVAL)),
+                hold_down + 15,
+                "a hold-down of probe rounds",
+            )
         assert [(a["alert"], a["status"]) for a in alerts(sub)] == [
             ("LinkDown", "firing"),
             ("LinkDown", "resolved"),

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from helpers.daemon import eventually, free_tcp_port, run_daemon
 from helpers.netns import NetNs, unavailable_reason
+from helpers.receipts import assert_received_once
 from helpers.stations import ProxyProcess, proxy_config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -140,6 +141,13 @@ async def test_proxy_goes_offline_on_silent_drop_and_replays_once(
         assert code == 200
         keys = [row["idempotency_key"] for row in applied]
         assert keys == [f"ns-{seq:05d}" for seq in range(WRITES + 1)], keys
+        # ns-00001's first forward was written into the silent link and timed out: it is in
+        # doubt (TCP may still deliver those bytes once the drop is lifted). Nothing else
+        # may arrive twice.
+        code, receipts = await get_json(sim_url + "/_sim/receipts")
+        assert code == 200
+        assert_received_once(receipts, keys, resent={"ns-00001"})
+        assert len(receipts) in {WRITES + 1, WRITES + 2}
         for ticket in tickets:
             code, state = await proxy.get_json(f"/_netwatch/tickets/{ticket}")
             assert code == 200

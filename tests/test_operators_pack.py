@@ -1,7 +1,8 @@
 """The operators' pack: Prometheus, Alertmanager, Mosquitto and Grafana files are valid and agree.
 
-Runs the real checkers (promtool, amtool, mosquitto) when installed, checks the dashboards'
-structure and that every metric they or the rules name is one netwatch exports.
+Runs the real checkers (promtool, amtool) when installed, checks the dashboards' structure and
+that every metric they or the rules name is one netwatch exports. The Mosquitto files run on
+real brokers in tests/test_mosquitto_pack.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +25,6 @@ PROM = ROOT / "config" / "prometheus"
 RULES = PROM / "rules"
 RULE_TESTS = sorted((RULES / "tests").glob("*.yml"))
 ALERTMANAGER = ROOT / "config" / "alertmanager" / "alertmanager.yml"
-MOSQUITTO_DIR = ROOT / "config" / "mosquitto"
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -477,126 +475,3 @@ def test_compose_netwatch_config_is_valid(tmp_path: Path) -> None:
     scrape = _load_yaml(PROM / "prometheus.yml")["scrape_configs"][0]["static_configs"][0]
     assert scrape["labels"]["site"] == site
     assert scrape["targets"] == ["netwatch:9108"]
-
-
-# --- Mosquitto ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _broker_config(tmp_path: Path, name: str, port: int, extra: str = "") -> Path:
-    text = (MOSQUITTO_DIR / "mosquitto.conf").read_text(encoding="utf-8")
-    text = text.replace("listener 1883", f"listener {port} 127.0.0.1")
-    text = text.replace("/mosquitto/data/", f"{tmp_path}/{name}-data/")
-    text = text.replace("/mosquitto/config/passwd", str(MOSQUITTO_DIR / "passwd.demo"))
-    text = text.replace("/mosquitto/config/acl", str(MOSQUITTO_DIR / "acl"))
-    (tmp_path / f"{name}-data").mkdir()
-    path = tmp_path / f"{name}.conf"
-    path.write_text(text + extra, encoding="utf-8")
-    return path
-
-
-class _Broker:
-    def __init__(self, config: Path, port: int) -> None:
-        self.port = port
-        self.proc = subprocess.Popen(
-            [_tool("mosquitto"), "-c", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise AssertionError(f"mosquitto exited: {out}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.05)
-            else:
-                return
-        raise AssertionError("mosquitto did not start")
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-
-def _subscribe(port: int, user: str, topic: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [
-            *(_tool("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(port)),
-            *("-u", user, "-P", "demo", "-t", topic, "-v", "-q", "1", "-W", "4"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.3)  # let the subscription land before publishing
-    return proc
-
-
-def _publish(port: int, user: str, topic: str, message: str) -> None:
-    _run(
-        *(_tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port), "-q", "1"),
-        *("-u", user, "-P", "demo", "-t", topic, "-m", message),
-    )
-
-
-def _received(proc: subprocess.Popen[str]) -> str:
-    out, _ = proc.communicate(timeout=10)
-    return out
-
-
-def test_mosquitto_acl_sites_write_only_their_topics_and_only_operators_command(
-    tmp_path: Path,
-) -> None:
-    port = _free_port()
-    broker = _Broker(_broker_config(tmp_path, "site", port), port)
-    try:
-        watcher = _subscribe(port, "operator", "netwatch/v1/#")
-        _publish(port, "demo-site", "netwatch/v1/demo-site/status", "own")
-        _publish(port, "demo-site", "netwatch/v1/other-site/status", "forged")
-        _publish(port, "demo-site", "netwatch/v1/demo-site/cmd/mode", "self-command")
-        _publish(port, "station", "netwatch/v1/demo-site/mode", "station-write")
-        _publish(port, "operator", "netwatch/v1/demo-site/cmd/mode", "operator-command")
-        seen = _received(watcher)
-    finally:
-        broker.stop()
-    assert "netwatch/v1/demo-site/status own" in seen
-    assert "netwatch/v1/demo-site/cmd/mode operator-command" in seen
-    for denied in ("forged", "self-command", "station-write"):
-        assert denied not in seen
-
-
-def test_mosquitto_site_bridge_maps_netwatch_topics_both_ways(tmp_path: Path) -> None:
-    central_port, site_port = _free_port(), _free_port()
-    bridge = (MOSQUITTO_DIR / "site-bridge.conf").read_text(encoding="utf-8")
-    bridge = bridge.replace("SITE", "demo-site").replace(
-        "remote_password CHANGE-ME", "remote_password demo"
-    )
-    bridge = bridge.replace("central-mqtt.example:8883", f"127.0.0.1:{central_port}")
-    bridge = "\n".join(line for line in bridge.splitlines() if not line.startswith("bridge_cafile"))
-    central = _Broker(_broker_config(tmp_path, "central", central_port), central_port)
-    site = _Broker(_broker_config(tmp_path, "site", site_port, "\n" + bridge + "\n"), site_port)
-    try:
-        deadline = time.monotonic() + 10
-        seen = ""
-        while "bridged" not in seen and time.monotonic() < deadline:
-            watcher = _subscribe(central_port, "operator", "netwatch/v1/demo-site/#")
-            _publish(site_port, "demo-site", "netwatch/v1/demo-site/alerts", "bridged")
-            seen = _received(watcher)
-        assert "netwatch/v1/demo-site/alerts bridged" in seen
-        watcher = _subscribe(site_port, "demo-site", "netwatch/v1/demo-site/cmd/#")
-        _publish(central_port, "operator", "netwatch/v1/demo-site/cmd/mode", "offline")
-        assert "netwatch/v1/demo-site/cmd/mode offline" in _received(watcher)
-    finally:
-        site.stop()
-        central.stop()

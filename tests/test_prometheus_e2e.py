@@ -11,7 +11,7 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -221,7 +221,14 @@ async def test_dashboards_and_rules_query_a_real_prometheus_scraping_netwatch(
             relay.mode = "pass"
             await eventually(lambda: link_is("up"), 30, "link up again in Prometheus", 0.5)
             # A few more scrapes so that rate() and increase() see the recovery.
-            await asyncio.sleep(3)
+            samples = f"count_over_time(netwatch_link_up{selector}[1h])"
+
+            async def scraped() -> float:
+                rows = await prom.result(samples)
+                return float(rows[0]["value"][1]) if rows else 0.0
+
+            since = await scraped()
+            await eventually(lambda: _at_least(scraped, since + 3), 30, "three more scrapes", 0.5)
 
             outages = await prom.result(f"sum(netwatch_outages_total{selector})")
             assert float(outages[0]["value"][1]) >= 1
@@ -245,3 +252,7 @@ async def test_dashboards_and_rules_query_a_real_prometheus_scraping_netwatch(
             assert TARGET in await prom.label_values(
                 "target", f'netwatch_link_up{{site=~"{SITE}"}}'
             )
+
+
+async def _at_least(read: Callable[[], Awaitable[float]], floor: float) -> bool:
+    return await read() >= floor

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers.receipts import assert_received_once
 from helpers.relay import FaultRelay
 from helpers.servers import free_port, run_http_server, wait_until
 from multidict import CIMultiDictProxy
@@ -88,6 +89,19 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 async def ticket_state(client: aiohttp.ClientSession, proxy: StationProxy, ticket: str) -> Any:
     async with client.get(f"{proxy.url}/_netwatch/tickets/{ticket}") as response:
         return await response.json()
+
+
+async def housekeeping_turns(proxy: StationProxy, turns: int = 2) -> None:
+    """Wait until the proxy's housekeeping re-read the queue ``turns`` times (once a second):
+    the positive sign that its loop, the replayer's 250 ms polls included, ran meanwhile."""
+    seen = [proxy._stats]
+
+    def turned() -> bool:
+        if proxy._stats is not seen[-1]:
+            seen.append(proxy._stats)
+        return len(seen) > turns
+
+    await wait_until(turned, timeout=15)
 
 
 async def post(
@@ -246,6 +260,9 @@ async def test_upstream_503_on_a_write_queues_it_and_goes_offline(
         state = await ticket_state(client, proxy, body["ticket"])
     assert state["state"] == "delivered"
     assert [a["body"]["citizen_id"] for a in sim.applied] == ["5"]
+    # The 503 came from before the API (no receipt): the replay is the one send.
+    assert_received_once(sim.receipts, [sim.applied[0]["idempotency_key"]])
+    assert len(sim.receipts) == 1
 
 
 async def test_black_holed_forward_is_queued_as_soon_as_the_guard_goes_down(
@@ -256,7 +273,7 @@ async def test_black_holed_forward_is_queued_as_soon_as_the_guard_goes_down(
         proxy.set_guard("popdb-api", True)
         relay.mode = "blackhole"
         pending = asyncio.ensure_future(post(client, proxy, {"citizen_id": "9"}))
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: relay.bytes_swallowed > 0, message="the request in the hole")
         assert not pending.done()
         started = time.monotonic()
         proxy.set_guard("popdb-api", False)
@@ -289,8 +306,8 @@ async def test_replay_after_guard_recovery_is_in_order_per_key_and_applied_once(
         proxy.set_guard("popdb-api", False)
         assert proxy.mode == "offline"
         relay.mode = "pass"
-        await asyncio.sleep(0.3)
-        assert sim.applied == []  # nothing replays before the guard says the link is back
+        await housekeeping_turns(proxy)
+        assert sim.receipts == []  # nothing replays before the guard says the link is back
         proxy.set_guard("popdb-api", True)
         await wait_until(lambda: proxy.mode == "online", timeout=10)
         states = [await ticket_state(client, proxy, t) for t in tickets]
@@ -299,6 +316,9 @@ async def test_replay_after_guard_recovery_is_in_order_per_key_and_applied_once(
     applied = sim.applied
     keys = [a["idempotency_key"] for a in applied]
     assert len(keys) == len(set(keys)) == 12
+    # Each entry sent once; "dup-key" twice because the station itself sent it twice.
+    assert_received_once(sim.receipts, keys, resent={"dup-key"})
+    assert len(sim.receipts) == 13
     for station in ("st-0", "st-1", "st-2"):
         seqs = [a["station_seq"] for a in applied if a["station"] == station]
         assert seqs == sorted(seqs)
@@ -336,6 +356,7 @@ async def test_replay_retries_a_503_no_sooner_than_retry_after(
     assert calls[1] - calls[0] >= 0.95
     assert state["state"] == "delivered"
     assert state["attempts"] == 2
+    assert len(calls) == 2  # the retry after the 503, and nothing more once delivered
     assert state["upstream_status"] == 201
 
 
@@ -358,6 +379,8 @@ async def test_rejected_entry_becomes_dead_letter_and_does_not_block_the_next(
     assert states[1]["upstream_status"] == 422
     assert states[1]["reason"] == "rejected"
     assert [a["station_seq"] for a in sim.applied] == [0, 2]
+    assert_received_once(sim.receipts)  # the rejected one too: refused once, not retried
+    assert len(sim.receipts) == 3
     sample = registry.get_sample_value
     assert sample("netwatch_replay_total", {"site": "q1", "outcome": "dead"}) == 1.0
     assert sample("netwatch_replay_total", {"site": "q1", "outcome": "delivered"}) == 2.0
@@ -373,12 +396,14 @@ async def test_restart_with_a_backlog_waits_for_the_guard_then_replays(
         _, answer, _ = await post(client, proxy, {"citizen_id": "7"})
     async with running(settings) as proxy:
         assert (proxy.mode, proxy.status()["reason"]) == ("offline", "awaiting guard")
-        await asyncio.sleep(0.3)
-        assert sim.applied == []
+        await housekeeping_turns(proxy)
+        assert sim.receipts == []
         proxy.set_guard("popdb-api", True)
         await wait_until(lambda: proxy.mode == "online", timeout=10)
         assert (await ticket_state(client, proxy, answer["ticket"]))["state"] == "delivered"
     assert len(sim.applied) == 1
+    assert_received_once(sim.receipts, [sim.applied[0]["idempotency_key"]])
+    assert len(sim.receipts) == 1
 
 
 # --- endpoints and limits ----------------------------------------------------------------------
@@ -408,6 +433,8 @@ async def test_full_queue_answers_507_and_keeps_what_it_already_holds(
         states = [await ticket_state(client, proxy, t) for t in tickets]
     assert {s["state"] for s in states} == {"delivered"}
     assert len(sim.applied) == len(tickets)
+    assert_received_once(sim.receipts, [a["idempotency_key"] for a in sim.applied])
+    assert len(sim.receipts) == len(tickets)
 
 
 async def test_ticket_status_and_health_endpoints(

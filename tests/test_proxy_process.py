@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 from helpers.daemon import DaemonProcess, eventually, free_tcp_port, write_config
+from helpers.receipts import assert_received_once
 from helpers.relay import FaultRelay
 from helpers.stations import proxy_config
 
@@ -70,6 +71,8 @@ async def test_proxy_process_follows_its_guard_and_exports_metrics(tmp_path: Pat
             state = await get_json(session, f"{base}/_netwatch/tickets/{ticket}")
             assert state["state"] == "delivered"
             assert [a["station_seq"] for a in sim.applied] == [1, 2]
+            assert_received_once(sim.receipts, [a["idempotency_key"] for a in sim.applied])
+            assert len(sim.receipts) == 2
 
             async with session.get(f"{base}/_netwatch/metrics") as resp:
                 text = await resp.text()

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers.servers import wait_until
 from structlog.testing import capture_logs
 
 from netwatch.errors import QueueError, QueueFullError, QueueKeyError
@@ -88,15 +89,20 @@ async def test_positions_stay_exact_when_one_group_mixes_enqueues_and_marks(
         first, _ = await q.enqueue(new(1), now=T0)
         await q.enqueue(new(2), now=T0)
         # White box: park the writer so that the next three calls form one group.
-        release = threading.Event()
-        parked = asyncio.ensure_future(q._write(lambda txn: release.wait(5)))
-        await asyncio.sleep(0.05)
+        release, parked_in = threading.Event(), threading.Event()
+
+        def park(_: object) -> bool:
+            parked_in.set()
+            return release.wait(5)
+
+        parked = asyncio.ensure_future(q._write(park))
+        await wait_until(parked_in.is_set, message="the writer parked")
         calls = asyncio.gather(
             q.enqueue(new(3), now=T0),
             q.mark_delivered(first.id, status=200, now=T0),
             q.enqueue(new(4), now=T0),
         )
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: q._w._jobs.qsize() == 3, message="three jobs waiting")
         commits = q.commits
         release.set()
         (_, third), _, (_, fourth) = await calls

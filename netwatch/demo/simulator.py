@@ -82,6 +82,7 @@ class SimulatorStats:
 
     requests: int = 0
     receipts: int = 0
+    lookups: int = 0  # GETs of one application (by number, id or idempotency key)
     applied: int = 0
     duplicate_applies: int = 0
     replayed: int = 0
@@ -393,11 +394,13 @@ class PopulationSimulator:
         return response
 
     async def _read_application(self, request: web.Request) -> web.Response:
+        self.stats.lookups += 1
         wanted = request.match_info["id"]
         record = self._applications.get(self._by_no.get(wanted, wanted))
         return _json(record) if record else _json({"error": "not_found"}, 404)
 
     async def _lookup_by_key(self, request: web.Request) -> web.Response:
+        self.stats.lookups += 1
         key = request.match_info["key"]
         if key in self._applied_keys:
             return _json({"idempotency_key": key, "applied": True})

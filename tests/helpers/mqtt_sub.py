@@ -85,10 +85,17 @@ class Subscriber:
 
 
 @asynccontextmanager
-async def watch(broker: Broker, topic: str) -> AsyncIterator[Subscriber]:
+async def watch(
+    broker: Broker, topic: str, *, username: str | None = None, password: str | None = None
+) -> AsyncIterator[Subscriber]:
     """Connect a clean-session client to ``broker``, subscribe to ``topic`` at QoS 1."""
     async with aiomqtt.Client(
-        broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V311, clean_session=True
+        broker.host,
+        broker.port,
+        username=username,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=True,
     ) as client:
         await client.subscribe(topic, qos=1)
         sub = Subscriber(client)

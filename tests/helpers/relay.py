@@ -93,6 +93,7 @@ class FaultRelay:
         self.cut_after_bytes = cut_after_bytes
         self.connections_total = 0
         self.bytes_forwarded = 0
+        self.bytes_swallowed = 0  # by the black hole: a request that is surely in it
         self._mode: RelayMode = "pass"
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,8 +234,8 @@ class FaultRelay:
             if link.dead:
                 return
             if link.stalled:
-                while await reader.read(_CHUNK):
-                    pass
+                while chunk := await reader.read(_CHUNK):
+                    self.bytes_swallowed += len(chunk)
                 return
             if self._mode == "cut" and self.cut_after_bytes <= 0:
                 return
@@ -271,6 +272,7 @@ class FaultRelay:
                 mode = self._mode
                 if mode == "blackhole":
                     link.stalled = True
+                    self.bytes_swallowed += len(chunk)
                     continue
                 if mode == "delay":
                     await asyncio.sleep(self.delay)
