@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import pytest
 from helpers.daemon import eventually, free_tcp_port
+from helpers.receipts import assert_received_once
 from helpers.relay import FaultRelay, RelayMode
 from helpers.stations import ProxyProcess, Sent, Station, proxy_config
 
