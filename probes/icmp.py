@@ -130,6 +130,7 @@ class IcmpProbe:
         next_send = time.perf_counter()
         with icmplib.AsyncSocket(socket_class(None, raw)) as sock:
             while True:
+                _honour_swallowed_cancel()
                 now = time.perf_counter()
                 if len(sent) < self.count and now >= next_send and now < deadline:
                     request = icmplib.ICMPRequest(address, id=ident, sequence=len(sent))
@@ -197,3 +198,15 @@ class IcmpProbe:
             loss=loss,
             details=details,
         )
+
+
+def _honour_swallowed_cancel() -> None:
+    """Raise the cancellation that icmplib's ``asyncio.wait_for`` may have swallowed.
+
+    On Python 3.11, ``wait_for`` returns the result when its inner read completes in the same
+    turn as the cancellation (gh-86296); with many raw ICMP sockets, each of which sees every
+    reply, that race is common, and a swallowed cancellation kept the daemon from stopping.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
