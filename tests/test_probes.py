@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import os
@@ -422,3 +423,36 @@ async def test_dns_closed_port_is_refused() -> None:
         pass  # closed again: the kernel answers queries to it with port unreachable
     result = await DnsProbe("popdb.example", server=server).run(timeout=2.0)
     assert_failed(result, probes.ERROR_REFUSED)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raw ICMP sockets need root")
+def test_a_raw_icmp_socket_only_gets_its_own_probes_messages() -> None:
+    """Each probe's raw socket is filtered on its echo identifier, so with many probes in
+    flight a reply wakes only the probe it answers."""
+    import struct
+
+    import icmplib
+
+    from probes.icmp import _only_replies_to
+
+    mine, other = icmplib.ICMPv4Socket(None, True), icmplib.ICMPv4Socket(None, True)
+    try:
+        _only_replies_to(mine, 4242)
+        other.send(icmplib.ICMPRequest("127.0.0.1", id=1111, sequence=1))
+        mine.send(icmplib.ICMPRequest("127.0.0.1", id=4242, sequence=1))
+
+        def received(sock: icmplib.ICMPv4Socket) -> set[int]:
+            ids: set[int] = set()
+            sock._sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    packet = sock._sock.recv(2048)
+                    header = (packet[0] & 0xF) * 4
+                    ids.add(struct.unpack("!H", packet[header + 4 : header + 6])[0])
+            return ids
+
+        assert received(mine) == {4242}
+        assert {1111, 4242} <= received(other)  # an unfiltered raw socket sees them all
+    finally:
+        mine.close()
+        other.close()
