@@ -57,8 +57,9 @@ class RepeatLimit:
     def processor(
         self, _logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        """A structlog processor: the kind is the event name and level."""
-        dropped = self.admit((event.get("event"), method))
+        """A structlog processor: the kind is the event name and level, and the target it
+        is about: every link change of every target is logged, a flood of one line is not."""
+        dropped = self.admit((event.get("event"), method, event.get("target")))
         if dropped is None:
             raise structlog.DropEvent
         if dropped:

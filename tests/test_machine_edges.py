@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_proxy_mode import online, run
+from test_proxy_mode import mono_of, online, run
 
 from netwatch.monitor.link import Thresholds, explain
 from netwatch.proxy.mode import (
@@ -56,7 +56,8 @@ def test_every_rule_names_its_reason(events: list[ModeEvent], mode: str, reason:
 
 
 def test_a_switch_says_when_it_happened() -> None:
-    state, effects = step(online(), PassiveFailure("reset"), T0 + timedelta(seconds=7))
+    at = T0 + timedelta(seconds=7)
+    state, effects = step(online(), PassiveFailure("reset"), at, mono=mono_of(at))
     assert effects == (
         ModeSwitch(mode="offline", old="online", reason="passive: reset", at=state.since),
     )
@@ -65,7 +66,7 @@ def test_a_switch_says_when_it_happened() -> None:
 
 def test_the_passive_failure_hold_is_the_one_given() -> None:
     state, _ = run(initial(T0, hold=1.5), GuardChanged(all_ok=True), PassiveFailure("reset"))
-    assert state.suspect_until == state.since + timedelta(seconds=1.5)
+    assert state.suspect_until == mono_of(state.since) + 1.5  # the hold is monotonic
 
 
 def test_only_a_forced_online_ends_a_passive_failure_hold_early() -> None:

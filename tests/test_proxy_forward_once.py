@@ -118,10 +118,15 @@ async def test_healthz_says_503_when_the_queue_cannot_be_read(tmp_path: Path) ->
     ):
         async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
             assert (response.status, await response.json()) == (200, {"ok": True})
-        proxy.queue._rconn.close()  # the queue's reader is gone: nothing can be read
+        with proxy.queue._rlock:  # not while a worker thread reads through it
+            proxy.queue._rconn.close()  # the queue's reader is gone: nothing can be read
         async with client.get(f"{proxy.url}/_netwatch/healthz") as response:
             assert response.status == 503
-            assert await response.json() == {"ok": False, "error": "queue_unusable"}
+            assert await response.json() == {
+                "ok": False,
+                "error": "queue_unusable",
+                "reason": "the queue does not answer",
+            }
 
 
 async def test_refused_and_unstorable_writes_are_counted_and_never_answered_202(

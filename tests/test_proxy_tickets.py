@@ -40,6 +40,8 @@ async def test_a_ticket_answers_the_contract_fields_through_its_life(
             "queued_at": answer["queued_at"],
             "delivered_at": None,
             "reason": None,
+            "attempts_in_doubt": 0,
+            "awaiting_operator": False,
         }
         proxy.override("auto")
         await wait_until(lambda: proxy.mode == "online", timeout=10)

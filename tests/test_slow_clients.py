@@ -234,3 +234,20 @@ async def _events(proxy: ProxyProcess, name: str) -> list[dict[str, Any]]:
 
 def _events_now(proxy: ProxyProcess, name: str) -> list[dict[str, Any]]:
     return [e for e in proxy.log_events() if e.get("event") == name]
+
+
+def test_every_targets_link_change_is_logged_while_a_flood_of_one_line_is_limited() -> None:
+    limit = RepeatLimit(burst=20, window=10.0, clock=lambda: 0.0)
+    kept = 0
+    for n in range(1000):
+        event = {"event": "link_state_changed", "target": f"t{n}", "new": "up"}
+        with contextlib.suppress(structlog.DropEvent):
+            limit.processor(None, "info", event)
+            kept += 1
+    assert kept == 1000  # the contract: every change is logged
+    flood = 0
+    for _ in range(1000):
+        with contextlib.suppress(structlog.DropEvent):
+            limit.processor(None, "error", {"event": "proxy_accept_failed"})
+            flood += 1
+    assert flood == 20
