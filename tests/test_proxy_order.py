@@ -52,7 +52,13 @@ async def test_retried_dead_letters_are_not_overtaken_by_new_writes(tmp_path: Pa
     """The fault seen: after `queue retry --all-dead` during steady posting, later writes were
     forwarded directly and applied before the retried ones (the proxy stayed `online`)."""
     settings = SimulatorSettings(latency_ms=15.0)
-    async with PopulationSimulator(settings) as sim, aiohttp.ClientSession() as session:
+    # A connection per request: the order under test is the proxy's, and a keep-alive
+    # connection closed by the proxy just as the next POST reuses it is no part of it.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        PopulationSimulator(settings) as sim,
+        aiohttp.ClientSession(connector=connector) as session,
+    ):
         queue_path = tmp_path / "queue.db"
         config = proxy_config(
             listen=f"127.0.0.1:{free_tcp_port()}",

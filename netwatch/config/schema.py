@@ -410,7 +410,7 @@ class Proxy(Frozen):
     # At most max_connections are open (lowered to fit the open-file limit); past it the
     # connection that waited longest for its request head makes room.
     header_timeout: Duration = 10.0
-    idle_timeout: Duration = 15.0
+    idle_timeout: Duration = 75.0  # longer than clients keep idle connections (aiohttp 15 s)
     body_timeout: Duration = 30.0
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
