@@ -22,12 +22,11 @@ import pytest
 import structlog.testing
 from helpers.servers import free_port, wait_until
 from prometheus_client import CollectorRegistry
+from test_queue_faults import RecordingHub
 
-from netwatch.alerting.alerts import AlertPolicy, AlertState
-from netwatch.clock import Instant, SystemClock
 from netwatch.config.schema import Proxy
 from netwatch.demo.simulator import PopulationSimulator
-from netwatch.events import Event, EventHub, QueueStats
+from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
 
 
@@ -59,24 +58,6 @@ def fill_disk(mount: Path) -> Path:
     finally:
         os.close(fd)
     return filler
-
-
-class RecordingHub(EventHub):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[Event] = []
-
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
-        super().publish(event)
-
-    def fired(self) -> set[str]:
-        alerts = AlertState(AlertPolicy(hold_down=3600), "q1")
-        names = set()
-        for event in self.events:
-            if isinstance(event, QueueStats):
-                names |= {a.alert for a in alerts.on_queue(event, Instant.of(SystemClock()))}
-        return names
 
 
 @asynccontextmanager
@@ -135,7 +116,7 @@ async def test_disk_full_answers_507_never_a_false_202_and_never_resends(
                     503,
                     {"ok": False, "error": "queue_unwritable", "reason": "disk full"},
                 )
-            await wait_until(lambda: "QueueDiskFull" in hub.fired(), 10, message="alert")
+            await wait_until(lambda: "QueueDiskFull" in hub.queue_alerts(), 10, message="alert")
 
             # The link is back, but no attempt can be recorded before its send (the record
             # is a write): nothing goes out until it can be, and nothing is sent twice.
