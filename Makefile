@@ -20,7 +20,7 @@ UNITDIR ?= /etc/systemd/system
 BINDIR ?= /usr/local/bin
 SYSTEMD ?= auto
 
-.PHONY: venv deps demo test lint typecheck unit bench mutation clean install
+.PHONY: venv deps demo test test-asyncio lint typecheck unit bench mutation clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ unit: venv
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: deps venv lint typecheck unit
+
+# The same tests on the standard asyncio loop instead of uvloop (netwatch.loop): the fast
+# ones only, to keep CI short; `make test-asyncio PYTEST_ARGS=` with no -m runs them all.
+ASYNCIO_PYTEST_ARGS ?= -m "not slow" -q
+test-asyncio: deps venv
+	NETWATCH_LOOP=asyncio $(BIN)/pytest $(ASYNCIO_PYTEST_ARGS)
 
 # Benchmarks print their figures; see bench/README.md. Each takes minutes.
 bench: deps venv

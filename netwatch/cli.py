@@ -6,7 +6,6 @@ stderr; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -85,10 +84,11 @@ _NOFILE_WHEN_UNLIMITED = 1 << 20
 @config_option
 def run(config_path: Path) -> None:
     """Run the site daemon: probes, link states, metrics, MQTT, and the proxy if configured."""
+    from netwatch import loop
     from netwatch.daemon import run_daemon
 
     _raise_open_file_limit()
-    asyncio.run(run_daemon(config_path, role="site"))
+    loop.run(run_daemon(config_path, role="site"))
 
 
 @cli.command()
@@ -100,8 +100,10 @@ def proxy(config_path: Path) -> None:
 
     if load_config(config_path).proxy is None:
         raise ConfigError(f"{config_path}: proxy: section missing; `netwatch proxy` needs it")
+    from netwatch import loop
+
     _raise_open_file_limit()
-    asyncio.run(run_daemon(config_path, role="proxy"))
+    loop.run(run_daemon(config_path, role="proxy"))
 
 
 @cli.command("check-config")
@@ -264,7 +266,9 @@ def demo(
 
     if duration <= 0 or seconds_per_hour <= 0 or stations < 0:
         raise UsageError("--duration and --seconds-per-hour must be positive, --stations >= 0")
-    summary = asyncio.run(
+    from netwatch import loop
+
+    summary = loop.run(
         run_demo(
             DemoOptions(
                 duration=duration,

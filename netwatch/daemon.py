@@ -21,6 +21,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from netwatch import __version__
+from netwatch import loop as event_loop
 from netwatch.clock import Clock, SystemClock
 from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
@@ -161,6 +162,7 @@ class Daemon:
                             site=self.config.site.id,
                             targets=len(self.monitor.targets),
                             version=__version__,
+                            loop=event_loop.current(),
                         )
                 except* _Shutdown:
                     pass

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from netwatch import loop
 from netwatch.demo.simulator import PopulationSimulator
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the loop the daemon would pick (``NETWATCH_LOOP``: uvloop
+    where installed; ``make test-asyncio`` runs the suite again on the standard loop).
+    Child processes (``netwatch run`` in the end-to-end tests) inherit the variable."""
+    name, factory = loop.loop_factory()
+    return {name: factory}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"event loop: {loop.loop_factory()[0]} (NETWATCH_LOOP=auto|uvloop|asyncio)"
 
 
 @pytest.fixture
