@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import aiohttp
+import pytest
 from helpers.daemon import free_tcp_port
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -187,3 +189,18 @@ async def test_the_rest_of_the_registry_renders_byte_for_byte_as_prometheus_clie
     parts = [chunk async for chunk in chunks(snapshot(registry, []), [])]
     assert len(parts) > BIG // PART_SAMPLES
     assert b"".join(parts) == generate_latest(registry)
+
+
+async def test_a_scraper_leaving_mid_body_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    registry, fast = site_registry(targets=1000)
+    async with metrics_server(registry, fast) as url:
+        host, port = url.removeprefix("http://").removesuffix("/metrics").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: netwatch\r\nAccept-Encoding: gzip\r\n\r\n")
+        await reader.read(1000)
+        writer.transport.abort()  # as a scrape timeout does, mid-body
+        await asyncio.sleep(0.5)
+        status, _, body = await scrape(url, {"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert gzip.decompress(body) == await render(registry, fast)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -35,10 +35,14 @@ def metrics_handler(registry: CollectorRegistry, fast: Sequence[FastCollector] =
             response.headers[hdrs.CONTENT_ENCODING] = "gzip"
             body = gzipped(body)
         await response.prepare(request)
-        if request.method != hdrs.METH_HEAD:
-            async for chunk in body:
-                await response.write(chunk)
-        await response.write_eof()
+        async with aclosing(body):
+            try:
+                if request.method != hdrs.METH_HEAD:
+                    async for chunk in body:
+                        await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the scraper left (its scrape timeout): nobody to render for
         return response
 
     return metrics

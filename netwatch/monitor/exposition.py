@@ -22,7 +22,7 @@ import asyncio
 import copy
 import math
 import zlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -130,7 +130,9 @@ def snapshot(registry: CollectorRegistry, fast: Sequence[FastCollector]) -> list
             collector.muted = False
 
 
-async def chunks(rest: Sequence[Metric], fast: Sequence[FastCollector]) -> AsyncIterator[bytes]:
+async def chunks(
+    rest: Sequence[Metric], fast: Sequence[FastCollector]
+) -> AsyncGenerator[bytes, None]:
     """The text format in chunks, yielding to the loop between chunks: ``rest`` (from
     ``snapshot``) by prometheus_client, then the fast collectors by their own renderer."""
     for family in rest:
@@ -148,7 +150,7 @@ async def render(registry: CollectorRegistry, fast: Sequence[FastCollector]) -> 
     return b"".join([chunk async for chunk in chunks(snapshot(registry, fast), fast)])
 
 
-async def gzipped(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def gzipped(source: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     """``source`` as one gzip stream, compressed chunk by chunk (each a fraction of a
     millisecond at ``GZIP_LEVEL``); chunks zlib keeps buffered are not yielded empty."""
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
