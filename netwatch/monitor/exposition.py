@@ -34,7 +34,7 @@ SLICE_LINES = 600
 # Samples prometheus_client formats between two yields (slower a line: about a millisecond).
 PART_SAMPLES = 100
 # zlib level of a gzip-encoded scrape: level 1 compresses a 1,000-target body (2.6 MB) 25
-# times in 6 ms of CPU; the default level 6 gains 10 % more for 3.5 times the CPU.
+# times in 6 ms of CPU; the default level 6 is 12 % smaller for 3.4 times the CPU.
 GZIP_LEVEL = 1
 # prometheus_client moves these samples of a family to their own gauge after the family.
 _TRAILING = ("_created", "_gsum", "_gcount")
