@@ -44,10 +44,9 @@ _CHUNK = 65536
 def _rst(writer: asyncio.StreamWriter | None) -> None:
     if writer is None:
         return
-    if writer.transport.is_closing():
-        return  # already closed (uvloop's socket object then has no descriptor left)
     sock = writer.get_extra_info("socket")
     if sock is not None:
+        # ValueError: uvloop's socket object of a transport already closed has no descriptor.
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
