@@ -10,14 +10,17 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = ["__version__"]
 
-# structlog imports rich whenever it is installed (for console tracebacks): about 5 MB of
-# resident memory that a daemon logging JSON lines never uses. Import it with rich hidden
-# (a None entry in sys.modules makes that import fail, as if rich were not installed);
-# netwatch.logs renders console tracebacks with rich itself, imported on demand. The CLI
-# commands that draw tables still import rich as usual.
-if "structlog" not in sys.modules and "rich" not in sys.modules:
-    sys.modules["rich"] = None  # type: ignore[assignment]
+# structlog imports rich whenever it is installed (for console tracebacks, about 5 MB of
+# resident memory) and greenlet (for its deprecated thread-local context), neither of which
+# a daemon logging JSON lines uses. Import structlog with both hidden (a None entry in
+# sys.modules makes their import fail, as if they were not installed); netwatch.logs renders
+# console tracebacks with rich itself, imported on demand, and the CLI commands that draw
+# tables still import rich as usual.
+_HIDDEN = ("rich", "greenlet")
+if "structlog" not in sys.modules and not any(name in sys.modules for name in _HIDDEN):
+    sys.modules.update(dict.fromkeys(_HIDDEN))  # type: ignore[arg-type]
     try:
         import structlog  # noqa: F401
     finally:
-        del sys.modules["rich"]
+        for name in _HIDDEN:
+            del sys.modules[name]
