@@ -16,11 +16,11 @@ __all__ = ["__version__"]
 # sys.modules makes their import fail, as if they were not installed); netwatch.logs renders
 # console tracebacks with rich itself, imported on demand, and the CLI commands that draw
 # tables still import rich as usual.
-_HIDDEN = ("rich", "greenlet")
-if "structlog" not in sys.modules and not any(name in sys.modules for name in _HIDDEN):
-    sys.modules.update(dict.fromkeys(_HIDDEN))  # type: ignore[arg-type]
+if "structlog" not in sys.modules:
+    _hidden = [name for name in ("rich", "greenlet") if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(_hidden))  # type: ignore[arg-type]
     try:
         import structlog  # noqa: F401
     finally:
-        for name in _HIDDEN:
-            del sys.modules[name]
+        for _name in _hidden:
+            del sys.modules[_name]
