@@ -45,6 +45,8 @@ PERMISSION_HINT = (
 class IcmpProbe:
     """Send ``count`` echo requests ``spacing`` seconds apart and report RTTs and loss."""
 
+    # One per target for the daemon's life: no instance dict.
+    __slots__ = ("_fallback", "count", "fallback_tcp_port", "host", "privileged", "spacing")
     type = "icmp"
 
     def __init__(
