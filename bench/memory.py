@@ -72,6 +72,12 @@ class Command:
         while words and "=" in words[0] and not words[0].startswith(("/", ".")):
             name, _, value = words.pop(0).partition("=")
             env[name] = value
+        # The children start in a work directory: relative program and script paths are
+        # taken from here.
+        words = [
+            os.path.abspath(w) if (n == 0 and "/" in w) or w.endswith(".py") else w
+            for n, w in enumerate(words)
+        ]
         return cls(label, words, env)
 
     def start(
