@@ -20,11 +20,16 @@ serve``). For each command (``--baseline-cmd`` first when given, then ``--netwat
   ``_importrss/sitecustomize.py`` on ``PYTHONPATH``: the 15 slowest imports (cumulative, as
   ``-X importtime`` prints them) and the 15 packages that add the most resident memory
   (each module's own growth of VmRSS while it was imported, summed per top-level package;
-  netwatch and probes per module). Page-granular: figures under ~0.1 MB are noise.
+  netwatch and probes per subpackage). Page-granular: figures under ~0.2 MB are noise.
+
+Each command first runs once on one target (run and proxy, not measured) to write the
+bytecode caches of what it imports, as a pip install would have: children run without
+``PYTHONDONTWRITEBYTECODE``.
 
 A command is split like a shell line; leading ``NAME=value`` words are set in its
-environment (e.g. ``--baseline-cmd "PYTHONPATH=/tmp/main .venv/bin/python -m netwatch"``
-runs a checkout of main with the same venv). MB are 10^6 bytes.
+environment (``--baseline-cmd "NETWATCH_LOOP=asyncio .venv/bin/python -m netwatch"``
+compares the event loops). Another checkout needs a venv of its own (see bench/README.md):
+an editable install wins over ``PYTHONPATH``. MB are 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -83,7 +88,10 @@ class Command:
     def start(
         self, *args: str, log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        merged = {**os.environ, **self.env, **(env or {})}
+        # Bytecode caches are written and read as on an installed system (pip compiles the
+        # modules it installs), so that no measured run pays for compiling netwatch's sources.
+        inherited = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        merged = {**inherited, **self.env, **(env or {})}
         with log.open("wb") as out:
             # Started in the work directory: ``python -m netwatch`` puts its working directory
             # first on sys.path, which must not pick this checkout for another command.
@@ -319,6 +327,11 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
             work = Path(tmp)
+            for cmd in commands:  # writes the bytecode caches of what run and proxy import
+                print(f"[{time.strftime('%H:%M:%S')}] warm-up: {cmd.label} ...", file=sys.stderr)
+                warm = argparse.Namespace(**{**vars(args), "interval": 1.0, "idle": 0.0})
+                measure_run(cmd, targets[:1], warm, work)
+                measure_proxy(cmd, upstream_port, warm, work)
             for name, order in (("run", commands), ("proxy", commands[::-1])):
                 for cmd in order:
                     print(f"[{time.strftime('%H:%M:%S')}] {name}: {cmd.label} ...", file=sys.stderr)
