@@ -104,7 +104,7 @@ class Probe(Protocol):
 ProbeFactory = Callable[..., Probe]
 
 # Probe type name -> "module:class". A module is imported when a probe of its type is first
-# built, so a site that probes only TCP never loads icmplib, aiodns, cryptography or the
+# built, so a site that probes only TCP never loads icmplib, cryptography, the DNS probe or the
 # HTTP probe's client code (each costs the daemon resident memory for as long as it runs).
 _FACTORIES: Mapping[str, str] = MappingProxyType(
     {
