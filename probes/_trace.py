@@ -18,12 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-import icmplib
-
-# The icmp probe's identifiers: one sequence for every raw ICMP socket of the process, so
-# that an echo probe never takes a trace's answer for its own (both see every packet).
-from probes._util import _wake
-from probes.icmp import _IDS
+from probes._util import ICMP_IDS, _wake
 
 # Linux values; Python 3.11's socket module does not name them.
 _SOL_IP, _IP_RECVERR = 0, 11
@@ -70,15 +65,19 @@ class IcmpTransport:
     parsed here, since icmplib's async receive drops the sender's address."""
 
     def __init__(self, address: str, version: int) -> None:
+        import icmplib  # noqa: PLC0415 - loaded by the traces that use it, not by every daemon
+
         socket_class = icmplib.ICMPv6Socket if version == 6 else icmplib.ICMPv4Socket
         self._address = address
         self._version = version
-        self._id = next(_IDS) % 0xFFFF + 1
+        self._id = next(ICMP_IDS) % 0xFFFF + 1
         self._icmp = socket_class(None, True)
         self._icmp.blocking = False
         self._loop = asyncio.get_running_loop()
 
     def send(self, sequence: int, ttl: int) -> float:
+        import icmplib  # noqa: PLC0415 - imported by __init__ already: a dict look-up
+
         request = icmplib.ICMPRequest(self._address, id=self._id, sequence=sequence, ttl=ttl)
         try:
             self._icmp.send(request)
