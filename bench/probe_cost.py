@@ -64,6 +64,7 @@ from _measure import (
     parse_netwatch,
     percentile,
     stop,
+    terminate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,16 +150,6 @@ class Services:
 
 
 # --- the three systems ----------------------------------------------------------------------
-
-
-def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def run_netwatch(

@@ -2,13 +2,20 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config. Errors are one line on
 stderr; ``--debug`` shows the traceback.
+
+Every command imports what it needs when it runs: ``run`` and ``proxy`` stay up for months on
+small machines, so they must not carry the tables, the demo or the queue tools in memory.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar
 
 import click
 import structlog
@@ -23,12 +30,32 @@ class _State:
     debug = False
 
 
+class _Commands(click.Group):
+    """The top-level group; the commands defined in other modules are imported only when
+    invoked (or listed by ``--help``)."""
+
+    lazy: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"queue": "netwatch.proxy.queue_cmd:queue"}
+    )
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = self.lazy.get(cmd_name)
+        if where is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = where.partition(":")
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"netwatch: error: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="netwatch")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option(
@@ -356,15 +383,8 @@ def init(
     click.echo(f"next: netwatch check-config {written.config_path}")
 
 
-def _attach_queue() -> None:
-    from netwatch.proxy.queue_cmd import queue
-
-    cli.add_command(queue)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps every error to one line and an exit code."""
-    _attach_queue()
     try:
         cli.main(args=argv, prog_name="netwatch", standalone_mode=False)
     except click.exceptions.Exit as exc:

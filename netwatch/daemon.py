@@ -34,7 +34,7 @@ from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule
 from netwatch.wiring import Extras
-from probes.http import close_shared_sessions
+from probes import close_shared_sessions
 
 log = structlog.get_logger("netwatch.daemon")
 

@@ -4,6 +4,10 @@ Repeated lines are rate-limited (``RepeatLimit``), for structlog events and for 
 stdlib logging alike: a fault that repeats at loop speed ("Too many open files" on every
 accept) must not fill the disk. Past ``burst`` lines of one kind in ``window`` seconds the
 rest are dropped, and the first line of that kind after the window says how many were.
+
+The daemon's memory matters here too: structlog is imported without rich (see
+``netwatch/__init__.py``), and the console format renders tracebacks with rich imported on
+the first one, so a daemon that logs JSON lines never loads it.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Hashable, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
-import stamina.instrumentation
 import structlog
+from structlog.typing import ExcInfo
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -98,7 +102,10 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         processors.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        colors = sys.stderr.isatty()
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=RichTraceback(colors=colors)
+        )
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -109,6 +116,19 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     repeats = RepeatFilter(RepeatLimit())
     for handler in logging.getLogger().handlers:
         handler.addFilter(repeats)
-    # stamina counts retries in prometheus_client's global registry by default; netwatch
-    # exports only its injected registry, so retries are logged instead.
-    stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
+
+
+class RichTraceback:
+    """The console format's exception renderer: structlog's rich traceback (locals shown),
+    with rich imported when the first exception is rendered, not when logging starts."""
+
+    def __init__(self, *, colors: bool) -> None:
+        self.colors = colors
+
+    def __call__(self, sio: TextIO, exc_info: ExcInfo) -> None:
+        from rich.console import Console  # noqa: PLC0415 - see the class doc
+        from rich.traceback import Traceback  # noqa: PLC0415
+
+        sio.write("\n")
+        console = Console(file=sio, color_system="truecolor" if self.colors else None)
+        console.print(Traceback.from_exception(*exc_info, show_locals=True))

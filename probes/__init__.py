@@ -12,6 +12,8 @@ alerts can tell a refused port from a black-holed one.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -101,38 +103,49 @@ class Probe(Protocol):
 
 ProbeFactory = Callable[..., Probe]
 
-
-def registry() -> dict[str, ProbeFactory]:
-    """Probe type name -> factory taking the probe's keyword parameters."""
-    # Imported here: the probe modules import ProbeResult from this package.
-    # ruff: noqa: PLC0415
-    from probes.dns import DnsProbe
-    from probes.http import HttpProbe
-    from probes.icmp import IcmpProbe
-    from probes.path import PathProbe
-    from probes.tcp import TcpProbe
-    from probes.tls import TlsProbe
-
-    return {
-        "icmp": IcmpProbe,
-        "tcp": TcpProbe,
-        "http": HttpProbe,
-        "dns": DnsProbe,
-        "tls": TlsProbe,
-        "path": PathProbe,
+# Probe type name -> "module:class". A module is imported when a probe of its type is first
+# built, so a site that probes only TCP never loads icmplib, cryptography, the DNS probe or the
+# HTTP probe's client code (each costs the daemon resident memory for as long as it runs).
+_FACTORIES: Mapping[str, str] = MappingProxyType(
+    {
+        "icmp": "probes.icmp:IcmpProbe",
+        "tcp": "probes.tcp:TcpProbe",
+        "http": "probes.http:HttpProbe",
+        "dns": "probes.dns:DnsProbe",
+        "tls": "probes.tls:TlsProbe",
+        "path": "probes.path:PathProbe",
     }
+)
+
+PROBE_TYPES = tuple(_FACTORIES)
 
 
-PROBE_TYPES = ("icmp", "tcp", "http", "dns", "tls", "path")
-
-
-def create(probe_type: str, **params: Any) -> Probe:
-    """Build a probe by type name; ``ValueError`` for an unknown type or bad parameters."""
-    factories = registry()
+def factory(probe_type: str) -> ProbeFactory:
+    """The factory of one probe type, importing only its module; ``ValueError`` if unknown."""
     try:
-        factory = factories[probe_type]
+        module, _, name = _FACTORIES[probe_type].partition(":")
     except KeyError:
         raise ValueError(
             f"unknown probe type {probe_type!r} (expected one of {', '.join(PROBE_TYPES)})"
         ) from None
-    return factory(**params)
+    found: ProbeFactory = getattr(importlib.import_module(module), name)
+    return found
+
+
+def registry() -> dict[str, ProbeFactory]:
+    """Probe type name -> factory taking the probe's keyword parameters (imports every
+    probe module: the daemon builds its probes with ``create``, which imports one)."""
+    return {probe_type: factory(probe_type) for probe_type in PROBE_TYPES}
+
+
+def create(probe_type: str, **params: Any) -> Probe:
+    """Build a probe by type name; ``ValueError`` for an unknown type or bad parameters."""
+    return factory(probe_type)(**params)
+
+
+async def close_shared_sessions() -> None:
+    """Close what probes share across runs on the running loop (the HTTP probes' client
+    session); a no-op when no HTTP probe module was loaded, so shutdown imports nothing."""
+    http = sys.modules.get("probes.http")
+    if http is not None:
+        await http.close_shared_sessions()

@@ -18,11 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-import icmplib
-
-# The icmp probe's identifiers: one sequence for every raw ICMP socket of the process, so
-# that an echo probe never takes a trace's answer for its own (both see every packet).
-from probes.icmp import _IDS
+from probes._util import ICMP_IDS, _wake
 
 # Linux values; Python 3.11's socket module does not name them.
 _SOL_IP, _IP_RECVERR = 0, 11
@@ -69,15 +65,19 @@ class IcmpTransport:
     parsed here, since icmplib's async receive drops the sender's address."""
 
     def __init__(self, address: str, version: int) -> None:
+        import icmplib  # noqa: PLC0415 - loaded by the traces that use it, not by every daemon
+
         socket_class = icmplib.ICMPv6Socket if version == 6 else icmplib.ICMPv4Socket
         self._address = address
         self._version = version
-        self._id = next(_IDS) % 0xFFFF + 1
+        self._id = next(ICMP_IDS) % 0xFFFF + 1
         self._icmp = socket_class(None, True)
         self._icmp.blocking = False
         self._loop = asyncio.get_running_loop()
 
     def send(self, sequence: int, ttl: int) -> float:
+        import icmplib  # noqa: PLC0415 - imported by __init__ already: a dict look-up
+
         request = icmplib.ICMPRequest(self._address, id=self._id, sequence=sequence, ttl=ttl)
         try:
             self._icmp.send(request)
@@ -93,7 +93,7 @@ class IcmpTransport:
         assert sock is not None
         try:
             async with asyncio.timeout(timeout):
-                packet, source = await self._loop.sock_recvfrom(sock, 2048)
+                packet, source = await _recvfrom(self._loop, sock, 2048)
         except TimeoutError:
             return []
         parsed = parse_icmp(packet, self._version)
@@ -104,6 +104,24 @@ class IcmpTransport:
 
     def close(self) -> None:
         self._icmp.close()
+
+
+async def _recvfrom(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
+) -> tuple[bytes, Any]:
+    """``recvfrom`` on a non-blocking socket once it is readable. ``loop.sock_recvfrom``
+    would do, but uvloop does not implement it; a reader callback works on both loops."""
+    while True:
+        try:
+            return sock.recvfrom(size)
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), _wake, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
 
 
 def parse_icmp(packet: bytes, version: int) -> tuple[int, int, Answer] | None:
@@ -153,10 +171,7 @@ class UdpTransport:
         except BaseException:
             self._sock.close()
             raise
-        self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        # An error-queue entry wakes the selector as readable (EPOLLERR).
-        self._loop.add_reader(self._sock.fileno(), self._ready.set)
 
     def send(self, sequence: int, ttl: int) -> float:
         if self._version == 6:
@@ -176,10 +191,22 @@ class UdpTransport:
         return at
 
     async def receive(self, timeout: float) -> list[Reply]:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._ready.wait()
-        self._ready.clear()
+        out = self._drain()
+        if out:
+            return out
+        # An error-queue entry wakes the loop as readable (EPOLLERR). The reader is added
+        # for each wait: libuv (uvloop) stops a poll handle after reporting an error.
+        readable = self._loop.create_future()
+        self._loop.add_reader(self._sock.fileno(), _wake, readable)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await readable
+        finally:
+            self._loop.remove_reader(self._sock.fileno())
+        return self._drain()
+
+    def _drain(self) -> list[Reply]:
         out: list[Reply] = []
         while True:
             try:
@@ -217,7 +244,6 @@ class UdpTransport:
         return None
 
     def close(self) -> None:
-        self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
 
 

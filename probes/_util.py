@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
+import random
 import socket
 import ssl
 from collections.abc import Mapping
@@ -28,6 +30,12 @@ from probes import (
 )
 
 _NOTHING: Mapping[str, Any] = MappingProxyType({})
+
+# Raw sockets see every ICMP reply on the host, so concurrent probes (and concurrent
+# processes) must use distinct identifiers; a random start and a counter give that. One
+# sequence for every raw ICMP socket of the process (echo probes and path traces alike), so
+# that an echo probe never takes a trace's answer for its own.
+ICMP_IDS = itertools.count(random.randrange(1, 0xFFFF))
 
 Address = tuple[socket.AddressFamily, tuple[Any, ...]]
 

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import ctypes
 import itertools
-import random
 import socket
 import struct
 import time
@@ -26,14 +25,10 @@ from typing import Any, Literal
 import icmplib
 
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
-from probes._util import classify, failure, has_net_raw, resolve
+from probes._util import ICMP_IDS, classify, failure, has_net_raw, resolve
 from probes.tcp import TcpProbe
 
 Privileged = Literal["auto", "yes", "no"]
-
-# Raw sockets see every ICMP reply on the host, so concurrent probes (and concurrent
-# processes) must use distinct identifiers; a random start and a counter give that.
-_IDS = itertools.count(random.randrange(1, 0xFFFF))
 
 _ECHO_REPLY = {4: 0, 6: 129}
 _UNREACHABLE = {4: 3, 6: 1}
@@ -50,6 +45,8 @@ PERMISSION_HINT = (
 class IcmpProbe:
     """Send ``count`` echo requests ``spacing`` seconds apart and report RTTs and loss."""
 
+    # One per target for the daemon's life: no instance dict.
+    __slots__ = ("_fallback", "count", "fallback_tcp_port", "host", "privileged", "spacing")
     type = "icmp"
 
     def __init__(
@@ -126,7 +123,7 @@ class IcmpProbe:
         version = 6 if icmplib.is_ipv6_address(address) else 4
         socket_class = icmplib.ICMPv6Socket if version == 6 else icmplib.ICMPv4Socket
         raw = self._use_raw_socket()
-        ident = next(_IDS) % 0xFFFF + 1
+        ident = next(ICMP_IDS) % 0xFFFF + 1
         sent: dict[int, float] = {}
         rtts: dict[int, float] = {}
         unreachable = 0

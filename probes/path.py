@@ -39,8 +39,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import icmplib
-
 from probes import ERROR_DNS, ERROR_PERMISSION, ERROR_TIMEOUT, ERROR_UNREACHABLE, ProbeResult
 from probes._trace import Answer, IcmpTransport, Reply, Transport, UdpTransport
 from probes._util import classify, failure, has_net_raw, literal_address, resolve
@@ -221,6 +219,10 @@ class PathProbe:
         return self.protocol
 
     async def run(self, timeout: float) -> ProbeResult:
+        # Here, not at the top: the daemon imports this module for ``trace_budget`` and
+        # ``path_view`` whatever its targets, and only a path target needs icmplib.
+        import icmplib  # noqa: PLC0415
+
         deadline = time.perf_counter() + timeout
         protocol = self._protocol()
         try:
@@ -274,6 +276,8 @@ class PathProbe:
         replies: list[Reply] = []
         answered: set[int] = set()
         send_errors: list[BaseException] = []
+        import icmplib  # noqa: PLC0415 - see run()
+
         start = time.perf_counter()
         # (round, ttl) to send, in order; a round's TTLs past a known destination are skipped.
         queue = [(r, ttl) for r in range(self.rounds) for ttl in range(1, self.max_hops + 1)]

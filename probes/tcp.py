@@ -18,6 +18,8 @@ class TcpProbe:
     """Connect to ``host:port``; ``latency`` is the connect time (name resolution excluded,
     reported as ``details["resolve"]`` when a name was resolved)."""
 
+    # One per target for the daemon's life: no instance dict (about 100 bytes a target).
+    __slots__ = ("_address", "_label", "host", "port")
     type = "tcp"
 
     def __init__(self, host: str, port: int) -> None:

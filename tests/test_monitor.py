@@ -89,7 +89,10 @@ async def test_each_target_keeps_its_own_interval_without_drift(tcp_upstream: in
     assert 28 <= fast <= 31
     assert 5 <= slow <= 7
     lag_count = registry.get_sample_value("netwatch_scheduler_lag_seconds_count", {"site": "lab"})
-    assert lag_count == fast + slow
+    # The lag is recorded as a probe starts, a round counted as it ends: at the moment of
+    # reading, each target may have one probe in flight.
+    assert lag_count is not None
+    assert fast + slow <= lag_count <= fast + slow + 2
     lag_sum = registry.get_sample_value("netwatch_scheduler_lag_seconds_sum", {"site": "lab"})
     assert lag_sum is not None
     assert lag_sum / lag_count < 0.05

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import stamina
+import stamina.instrumentation
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
@@ -28,6 +29,11 @@ from netwatch.alerting.alerts import AlertEvent
 from netwatch.config.schema import Webhook
 
 log = structlog.get_logger(__name__)
+
+# stamina counts retries in prometheus_client's global registry by default; netwatch exports
+# only its injected registry, so retries are logged instead. Set here, where retries are
+# used, so that a daemon without webhooks never imports stamina (nor tenacity).
+stamina.instrumentation.set_on_retry_hooks([stamina.instrumentation.StructlogOnRetryHook])
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
 

@@ -46,7 +46,8 @@ def _rst(writer: asyncio.StreamWriter | None) -> None:
         return
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # ValueError: uvloop's socket object of a transport already closed has no descriptor.
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 

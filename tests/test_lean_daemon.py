@@ -1,0 +1,186 @@
+"""The long-running commands carry only what they use: a real ``netwatch run`` on a TCP-only
+config (and a real ``netwatch proxy``) must not load the CLI's tables, the demo, the other
+probe types' libraries or the optional parts it was not configured for.
+
+Each case runs the console script's entry point (``netwatch.cli:main``) in a child process
+that writes ``sorted(sys.modules)`` when it exits, after it has probed its target, answered
+a scrape and been stopped with SIGTERM like any service."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+import yaml
+from click.testing import CliRunner
+
+from netwatch.cli import cli
+from netwatch.logs import configure_logging
+
+# What the entry point runs, plus the dump at exit (the file name is the first argument).
+HARNESS = """
+import atexit, sys
+out = sys.argv.pop(1)
+def dump():
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+atexit.register(dump)
+from netwatch.cli import main
+main(sys.argv[1:])
+"""
+
+# Never in either command: console rendering, other commands, unconfigured probe types.
+NEVER = (
+    "rich",
+    "pygments",
+    "greenlet",
+    "netwatch.demo",
+    "netwatch.oneshot",
+    "netwatch.pathcmd",
+    "netwatch.siteinit",
+    "netwatch.proxy.queue_cmd",
+    "icmplib",
+    "probes.icmp",
+    "probes.dns",
+    "probes.tls",
+    "probes.http",
+    "stamina",
+    "tenacity",
+    "aiomqtt",
+    "netwatch.mqtt",
+    "netwatch.alerting.notify",
+)
+# ... and not in a site daemon without a proxy section.
+NOT_IN_RUN = (
+    "netwatch.proxy.station",
+    "netwatch.proxy.staff_page",
+    "netwatch.proxy.queue",
+    "sqlite3",
+    "cryptography",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP port that completes handshakes (the kernel's backlog answers the probes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield int(s.getsockname()[1])
+
+
+def config(role: str, port: int, tmp_path: Path) -> tuple[dict[str, object], str]:
+    """The config and the URL that shows the target was probed (its link went up)."""
+    doc: dict[str, object] = {
+        "site": {"id": "lean"},
+        "defaults": {"interval": "300ms", "timeout": "1s"},
+        "link": {"recover_after": 1},
+        "targets": [{"name": "gw", "type": "tcp", "host": "127.0.0.1", "port": port}],
+    }
+    if role == "run":
+        listen = f"127.0.0.1:{free_port()}"
+        doc["metrics"] = {"listen": listen}
+        return doc, f"http://{listen}/metrics"
+    listen = f"127.0.0.1:{free_port()}"
+    doc["proxy"] = {
+        "listen": listen,
+        "upstream": f"http://127.0.0.1:{port}",
+        "guard": ["gw"],
+        "queue": {"path": str(tmp_path / "queue.db")},
+    }
+    return doc, f"http://{listen}/_netwatch/metrics"
+
+
+def loaded_modules(role: str, port: int, tmp_path: Path) -> set[str]:
+    doc, url = config(role, port, tmp_path)
+    cfg = tmp_path / "netwatch.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "modules.txt"
+    log = (tmp_path / "netwatch.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HARNESS, str(out), role, "-c", str(cfg)],
+        stdout=log,
+        stderr=log,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "netwatch.log").read_text()
+            assert time.monotonic() < deadline, "the target was never probed"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
+                if 'netwatch_link_up{site="lean",target="gw"' in resp.read().decode():
+                    break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, (tmp_path / "netwatch.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return set(out.read_text().split())
+
+
+def offenders(modules: set[str], banned: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == b or m.startswith(f"{b}.") for b in banned))
+
+
+def test_run_on_a_tcp_only_site_loads_nothing_it_does_not_use(
+    listener: int, tmp_path: Path
+) -> None:
+    modules = loaded_modules("run", listener, tmp_path)
+    assert "probes.tcp" in modules  # the harness really ran the daemon
+    assert offenders(modules, NEVER + NOT_IN_RUN) == []
+
+
+def test_proxy_loads_no_console_tools_nor_other_probe_types(listener: int, tmp_path: Path) -> None:
+    modules = loaded_modules("proxy", listener, tmp_path)
+    assert "netwatch.proxy.station" in modules
+    assert offenders(modules, NEVER) == []
+
+
+def test_queue_commands_are_found_though_imported_on_demand() -> None:
+    listed = CliRunner().invoke(cli, ["--help"])
+    assert "queue" in listed.output
+    shown = CliRunner().invoke(cli, ["queue", "--help"])
+    assert shown.exit_code == 0, shown.output
+    assert "list" in shown.output
+
+
+def test_console_format_renders_a_traceback_with_rich_on_demand() -> None:
+    err = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stderr, sys.stderr = sys.stderr, err
+    try:
+        configure_logging("info", "console")
+        try:
+            1 / 0  # noqa: B018 - the exception to render
+        except ZeroDivisionError:
+            structlog.get_logger("test").exception("failed")
+    finally:
+        sys.stderr = stderr
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    text = err.getvalue()
+    assert "failed" in text
+    assert "Traceback" in text
+    assert "ZeroDivisionError" in text
