@@ -4,6 +4,7 @@ histograms from a Prometheus text exposition), and how they stop their helper ch
 from __future__ import annotations
 
 import contextlib
+import gzip
 import math
 import os
 import re
@@ -45,8 +46,13 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def fetch(url: str, timeout: float = 10.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
+    """GET ``url`` as Prometheus scrapes: gzip accepted, and decoded when the server uses it."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        body = resp.read()
+        if resp.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        return body.decode()
 
 
 @dataclass

@@ -26,6 +26,7 @@ from netwatch.clock import Clock, SystemClock
 from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
 from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
+from netwatch.gcpolicy import frozen_heap
 from netwatch.monitor import fault
 from netwatch.monitor.api import build_app, serve
 from netwatch.monitor.city import CityCollector, SiteFault
@@ -156,6 +157,7 @@ class Daemon:
                         self.extras.start(tg)
                         tg.create_task(self._reload_loop(), name="reload")
                         tg.create_task(self._wait_stop(), name="stop")
+                        stack.enter_context(frozen_heap())
                         log.info(
                             "daemon_started",
                             role=self.role,

@@ -6,23 +6,40 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.exposition import gzip_accepted
 
 from netwatch.auth import require_token
-from netwatch.monitor.exposition import FastCollector, render
+from netwatch.monitor.exposition import FastCollector, chunks, gzipped, snapshot
 
 StatusProvider = Callable[[], dict[str, Any]]
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def metrics_handler(registry: CollectorRegistry, fast: Sequence[FastCollector] = ()) -> Handler:
     """A ``/metrics`` handler for ``registry`` (also mounted by the station proxy); the
-    ``fast`` collectors (registered in it too) render themselves in slices on the loop."""
+    ``fast`` collectors (registered in it too) render themselves in slices on the loop.
 
-    async def metrics(_: web.Request) -> web.Response:
-        body = await render(registry, fast)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    The body is streamed chunk by chunk as it is rendered (chunked transfer encoding), and
+    gzip-compressed when the scraper accepts it, as Prometheus does: 2.6 MB of text for
+    1,000 targets goes out as about 100 kB, and no write holds the loop for long."""
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        rest = snapshot(registry, fast)  # before the status line: a failure is still a 500
+        response = web.StreamResponse(
+            headers={"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+        )
+        body = chunks(rest, fast)
+        if gzip_accepted(request.headers.get(hdrs.ACCEPT_ENCODING, "")):
+            response.headers[hdrs.CONTENT_ENCODING] = "gzip"
+            body = gzipped(body)
+        await response.prepare(request)
+        if request.method != hdrs.METH_HEAD:
+            async for chunk in body:
+                await response.write(chunk)
+        await response.write_eof()
+        return response
 
     return metrics
 
