@@ -61,8 +61,20 @@ NEVER = (
     "netwatch.mqtt",
     "netwatch.alerting.notify",
 )
-# ... and not in a site daemon without a proxy section.
+# ... and not in a site daemon without a proxy section (nor HTTP targets nor webhooks): its
+# endpoint is netwatch.monitor.httpd, so aiohttp and its dependencies stay out.
 NOT_IN_RUN = (
+    "aiohttp",
+    "aiodns",
+    "aiohappyeyeballs",
+    "aiosignal",
+    "attr",
+    "attrs",
+    "frozenlist",
+    "multidict",
+    "propcache",
+    "yarl",
+    "netwatch.monitor.api",
     "netwatch.proxy.station",
     "netwatch.proxy.staff_page",
     "netwatch.proxy.queue",
