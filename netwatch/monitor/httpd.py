@@ -39,6 +39,8 @@ log = structlog.get_logger("netwatch.httpd")
 
 StatusProvider = Callable[[], dict[str, Any]]
 
+# Seconds a refused connection (too many open) stays half-open after its 503.
+REFUSED_GRACE = 1.0
 ALLOWED = "GET, HEAD"
 JSON = "application/json; charset=utf-8"
 TEXT = "text/plain; charset=utf-8"
@@ -164,10 +166,13 @@ class _Connection(asyncio.Protocol):
     """One client connection: the parser's callbacks queue requests, one task answers them
     in order."""
 
-    def __init__(self, endpoint: SiteEndpoint, open_: set[_Connection]) -> None:
+    def __init__(
+        self, endpoint: SiteEndpoint, served: set[_Connection], refused: set[_Connection]
+    ) -> None:
         self._endpoint = endpoint
         self._limits = endpoint.limits
-        self._open = open_
+        self._served = served
+        self._refused = refused
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Request | Response] = deque()
@@ -190,14 +195,19 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
         self._transport = transport
-        if len(self._open) >= self._limits.connections:
+        if len(self._served) >= self._limits.connections:
             log.warning("http_connection_refused", reason="too many connections")
             response = text_response(503, close=True)
             assert isinstance(response.body, bytes)
             transport.write(head(503, self._fixed_headers(response, keep=False)) + response.body)
-            transport.close()
+            # Half-closed, and what the client sends is read and dropped for a moment: a
+            # close with unread data would reset the connection before the 503 is read.
+            self._refused.add(self)
+            self._input_done = True
+            transport.write_eof()
+            self._arm(REFUSED_GRACE)
             return
-        self._open.add(self)
+        self._served.add(self)
         self._task = asyncio.get_running_loop().create_task(self._serve())
         self._arm(self._limits.idle_timeout)
 
@@ -219,10 +229,12 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._stop_input()
-        return True  # keep the write side open: requests already read are still answered
+        # Keep the write side open: requests already read are still answered.
+        return self._task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._open.discard(self)
+        self._served.discard(self)
+        self._refused.discard(self)
         self._input_done = True
         self._disarm()
         self._writable.set()
@@ -432,14 +444,15 @@ async def serve(app: SiteEndpoint, listen: str) -> AsyncIterator[asyncio.Server]
     """Serve ``app`` on ``host:port`` for the lifetime of the context; on the way out, open
     connections are closed and their answers cancelled."""
     host, port = split_listen(listen)
-    open_: set[_Connection] = set()
+    served: set[_Connection] = set()
+    refused: set[_Connection] = set()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Connection(app, open_), host, port)
+    server = await loop.create_server(lambda: _Connection(app, served, refused), host, port)
     try:
         yield server
     finally:
         server.close()
-        connections = list(open_)
+        connections = [*served, *refused]
         for connection in connections:
             connection.close()
         tasks = [c.task for c in connections if c.task is not None]
