@@ -17,6 +17,8 @@ import httptools
 import pytest
 from helpers.daemon import free_tcp_port
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 from structlog.testing import capture_logs
 
 from netwatch.monitor import api
@@ -418,3 +420,55 @@ async def test_leaving_serve_closes_kept_alive_connections() -> None:
         await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), 5)
     assert await read_to_end(reader) == b""
     writer.close()
+
+
+async def test_more_pipelined_requests_than_are_read_ahead_are_all_answered() -> None:
+    async with site(limits=Limits(pipeline=4)) as (port, _, _):
+        paths = [f"/healthz?n={i}" if i % 3 else "/nope" for i in range(40)]
+        got = replies(await exchange(port, b"".join(request(p) for p in paths)))
+        assert [status for status, _, _ in got] == [200 if i % 3 else 404 for i in range(40)]
+
+
+async def test_an_upgrade_request_is_answered_then_closed() -> None:
+    async with site() as (port, _, _):
+        raw = request("/healthz", "GET", "Connection: upgrade", "Upgrade: websocket")
+        [(status, _, _)] = replies(
+            await exchange(port, raw + request("/healthz"), half_close=False)
+        )
+        assert status == 200  # and nothing more: the connection closed
+
+
+class Failing:
+    """A fast collector that breaks after its first slice."""
+
+    muted = False
+
+    def render_slices(self) -> Iterable[list[str]]:
+        yield ["# first slice\n"]
+        raise RuntimeError("renderer broke")
+
+
+async def test_a_renderer_failing_mid_body_cuts_the_body_and_is_logged() -> None:
+    async with site(fast=[Failing()]) as (port, _, _):
+        with capture_logs() as logs:
+            data = await exchange(port, request("/metrics"))
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert not body.endswith(b"0\r\n\r\n")  # no last chunk: the scraper sees a broken body
+        assert b"renderer broke" not in data
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["http_stream_failed"]
+
+
+class BrokenCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        raise RuntimeError("collector broke")
+
+
+async def test_a_failing_collector_is_a_500() -> None:
+    async with site() as (port, registry, _):
+        registry.register(BrokenCollector())
+        with capture_logs() as logs:
+            [(status, _, body)] = replies(await exchange(port, request("/metrics")))
+        assert status == 500
+        assert b"collector broke" not in body
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["http_request_failed"]
