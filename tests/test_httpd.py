@@ -231,6 +231,12 @@ async def test_answers_are_those_of_the_aiohttp_endpoint() -> None:
             assert answer(*got) == want, (method, path)
 
 
+async def test_a_request_target_in_absolute_form_is_routed_by_its_path() -> None:
+    async with site() as (port, _, _):
+        raw = request(f"http://127.0.0.1:{port}/healthz?probe=1") + request("/healthz?x=%20")
+        assert [status for status, _, _ in replies(await exchange(port, raw))] == [200, 200]
+
+
 async def test_unknown_path_is_404_and_other_methods_405_with_allow() -> None:
     async with site() as (port, _, _):
         raw = await exchange(
@@ -259,6 +265,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         b"GET /metrics HTTP/9.9\r\n\r\n",
         b"GET /metrics HTTP/1.1\r\nHost : x\r\n\r\n",
         b"GET /me trics HTTP/1.1\r\n\r\n",
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS client hello
     ],
 )

@@ -283,7 +283,12 @@ class _Connection(asyncio.Protocol):
             return
         http11 = self._parser.get_http_version() == "1.1"
         keep = http11 and self._parser.should_keep_alive()
-        path = self._url.split(b"?", 1)[0].decode("utf-8", "surrogateescape")
+        try:  # origin form (/metrics?x) or absolute form (http://host/metrics)
+            target = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._reject(400)
+            return
+        path = (target.path or b"").decode("utf-8", "surrogateescape")
         method = self._parser.get_method().decode("latin-1")
         self._push(Request(method, path, self._headers, keep, http11))
         if len(self._queue) >= self._limits.pipeline and self._transport is not None:
