@@ -28,8 +28,8 @@ from netwatch.errors import ConfigError
 from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
 from netwatch.gcpolicy import frozen_heap
 from netwatch.monitor import fault
-from netwatch.monitor.api import build_app, serve
 from netwatch.monitor.city import CityCollector, SiteFault
+from netwatch.monitor.httpd import build_app, serve
 from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule

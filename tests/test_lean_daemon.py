@@ -40,6 +40,8 @@ from netwatch.cli import main
 main(sys.argv[1:])
 """
 
+TOKEN = "lean-token"
+
 # Never in either command: console rendering, other commands, unconfigured probe types.
 NEVER = (
     "rich",
@@ -61,8 +63,20 @@ NEVER = (
     "netwatch.mqtt",
     "netwatch.alerting.notify",
 )
-# ... and not in a site daemon without a proxy section.
+# ... and not in a site daemon without a proxy section (nor HTTP targets nor webhooks): its
+# endpoint is netwatch.monitor.httpd, so aiohttp and its dependencies stay out.
 NOT_IN_RUN = (
+    "aiohttp",
+    "aiodns",
+    "aiohappyeyeballs",
+    "aiosignal",
+    "attr",
+    "attrs",
+    "frozenlist",
+    "multidict",
+    "propcache",
+    "yarl",
+    "netwatch.monitor.api",
     "netwatch.proxy.station",
     "netwatch.proxy.staff_page",
     "netwatch.proxy.queue",
@@ -96,7 +110,7 @@ def config(role: str, port: int, tmp_path: Path) -> tuple[dict[str, object], str
     }
     if role == "run":
         listen = f"127.0.0.1:{free_port()}"
-        doc["metrics"] = {"listen": listen}
+        doc["metrics"] = {"listen": listen, "token": TOKEN}  # the bearer check loads no aiohttp
         return doc, f"http://{listen}/metrics"
     listen = f"127.0.0.1:{free_port()}"
     doc["proxy"] = {
@@ -125,7 +139,8 @@ def loaded_modules(role: str, port: int, tmp_path: Path) -> set[str]:
         while True:
             assert proc.poll() is None, (tmp_path / "netwatch.log").read_text()
             assert time.monotonic() < deadline, "the target was never probed"
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
+            scrape = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+            with contextlib.suppress(OSError), urllib.request.urlopen(scrape, timeout=5) as resp:
                 if 'netwatch_link_up{site="lean",target="gw"' in resp.read().decode():
                     break
             time.sleep(0.2)
