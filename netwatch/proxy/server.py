@@ -279,7 +279,8 @@ class ProxyServer:
         ``resend_safe`` says whether the upstream de-duplicates it (its rule's strategy)."""
         fwd = self._forwarder
         method = request.method
-        url = fwd.url(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        url = request.rel_url
+        target = fwd.target(url.raw_path, url.raw_query_string)
         body: bytes | CountedBody | None
         if buffered is not None:
             body = buffered[0]
@@ -290,7 +291,12 @@ class ProxyServer:
         idempotent = resend_safe or (buffered is None and method in SAFE_METHODS and body is None)
         try:
             upstream = await fwd.send(
-                method, url, headers, body, abandonable=buffered is not None, idempotent=idempotent
+                method,
+                target,
+                headers,
+                body,
+                abandonable=buffered is not None,
+                idempotent=idempotent,
             )
         except BodyTooLarge:
             return "rejected", _error(413, "body_too_large", max_body=self.settings.max_body)
