@@ -545,3 +545,5 @@ def test_added_idempotency_keys_are_distinct_version_4_uuids() -> None:
     keys = {new_idempotency_key() for _ in range(10_000)}
     assert len(keys) == 10_000
     assert all(uuid.UUID(k).version == 4 for k in keys)
+    assert all(uuid.UUID(k).variant == uuid.RFC_4122 for k in keys)
+    assert all(str(uuid.UUID(k)) == k for k in keys)  # the canonical lower-case form

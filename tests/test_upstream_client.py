@@ -147,6 +147,22 @@ async def test_the_request_carries_only_the_given_headers_and_its_own_framing() 
     assert delete == f"DELETE /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
 
 
+async def test_a_stream_of_known_length_goes_out_with_that_length_not_chunked() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b"defg"
+
+    async with raw_server(answers(OK)) as server, client_for(server.port) as client:
+        loop = asyncio.get_running_loop()
+        response = await client.request(
+            "PUT", "/x", (), parts(), sending=Sending(), deadline=loop.time() + 5, length=7
+        )
+        assert (response.status, await response.read()) == (200, b"ok")
+        response.release()
+    assert server.heads[0].endswith(b"\r\nContent-Length: 7\r\n\r\n")
+    assert b"Transfer-Encoding" not in server.heads[0]
+
+
 async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
     async with raw_server(answers(OK)) as server, client_for(server.port) as client:
         with pytest.raises(UpstreamFailure) as caught:

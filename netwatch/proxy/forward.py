@@ -75,6 +75,38 @@ CHUNK = 64 * 1024
 # Responses up to this size (with a Content-Length) are relayed in one write.
 SMALL_RESPONSE = 64 * 1024
 _BODYLESS = frozenset({204, 304})
+_HOST = frozenset({"host"})  # the upstream's own Host goes out instead
+
+
+class _Deadline:
+    """The end of one attempt's wait for an answer: cancels the waiting task when it comes,
+    as ``asyncio.timeout`` would (one timer, nothing more on the hot path), and says why:
+    ``"limit"`` (queue_after or request_timeout) or ``"abandoned"`` (the proxy went
+    offline, see ``Forwarder.abandon_waiting``)."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "why")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.why: str | None = None
+        self._handle = loop.call_at(when, self.expire, "limit")
+
+    def expire(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+            self._task.cancel()
+
+    def ended(self) -> bool:
+        """After a CancelledError: True when this deadline caused it (and only it: it is
+        then absorbed), False when the task was cancelled from outside (propagate it)."""
+        return self.why is not None and self._task.uncancel() <= self._cancelling
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 class BodyTooLarge(Exception):
@@ -107,11 +139,10 @@ def _listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]
 def outgoing_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     """The station's headers minus hop-by-hop ones (and Host), plus the X-Forwarded-* pair."""
     incoming = request.headers
-    drop = _listed(incoming)
+    drop = _listed(incoming) | _HOST
     headers: CIMultiDict[str] = CIMultiDict(
         [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     )
-    headers.popall("Host", None)
     peer = request.remote or ""
     if peer:
         prior = headers.popall("X-Forwarded-For", [])
@@ -178,8 +209,7 @@ class Forwarder:
         self._base_path = ""
         # Deadlines of forwards still waiting for response headers, so that going offline
         # can end them at once (their requests are then queued, see ``abandon_waiting``).
-        self._waiting: set[asyncio.Timeout] = set()
-        self._abandoned: set[asyncio.Timeout] = set()
+        self._waiting: set[_Deadline] = set()
 
     async def __aenter__(self) -> Self:
         settings = self.settings
@@ -218,10 +248,8 @@ class Forwarder:
         Only replayable requests are abandoned, and one that was sent is queued in doubt:
         its replay is settled by the rule's dedupe strategy, never blindly re-sent.
         """
-        loop = asyncio.get_running_loop()
         for deadline in list(self._waiting):
-            self._abandoned.add(deadline)
-            deadline.reschedule(loop.time())
+            deadline.expire("abandoned")
 
     async def send(
         self,
@@ -254,29 +282,28 @@ class Forwarder:
         client = self.client
         for attempt in range(attempts):
             started = loop.time()
-            deadline = asyncio.timeout_at(started + (min(wait, limit) if wait else limit))
+            deadline = _Deadline(loop, started + (limit if wait is None else min(wait, limit)))
             sending = Sending()
             if abandonable:
                 self._waiting.add(deadline)
             try:
-                async with deadline:
-                    return await client.request(
-                        method,
-                        target,
-                        headers.items(),
-                        body,
-                        sending=sending,
-                        deadline=started + limit,
-                        length=body.length if isinstance(body, CountedBody) else None,
-                        fresh=attempt > 0,
-                    )
-            except TimeoutError as exc:
-                if not deadline.expired():
+                return await client.request(
+                    method,
+                    target,
+                    headers.items(),
+                    body,
+                    sending=sending,
+                    deadline=started + limit,
+                    length=body.length if isinstance(body, CountedBody) else None,
+                    fresh=attempt > 0,
+                )
+            except asyncio.CancelledError as exc:
+                if not deadline.ended():
                     raise
                 if isinstance(body, CountedBody) and body.exceeded:
                     raise BodyTooLarge from exc
                 sent = sending.connected
-                if deadline in self._abandoned:
+                if deadline.why == "abandoned":
                     raise UpstreamFailure(
                         "abandoned: proxy offline", abandoned=True, in_doubt=sent
                     ) from exc
@@ -297,9 +324,9 @@ class Forwarder:
                         idempotency_key=headers.get("Idempotency-Key"),
                     )
             finally:
+                deadline.stop()
                 if abandonable:
                     self._waiting.discard(deadline)
-                    self._abandoned.discard(deadline)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def counted(self, request: web.BaseRequest) -> CountedBody:

@@ -105,8 +105,13 @@ def _connect_failure(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure("connect failed", in_doubt=False)
 
 
+_NO_HEADERS: CIMultiDict[str] = CIMultiDict()  # until the head is in (never written to)
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; the response in progress parses what arrives."""
+
+    __slots__ = ("_drained", "_paused", "client", "closed", "idle_since", "response", "transport")
 
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
@@ -168,15 +173,43 @@ class Response:
     ``release()`` when done: the connection goes back to the pool only when the whole
     response was read and both sides agreed to keep it alive; otherwise it is closed."""
 
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_complete",
+        "_conn",
+        "_deadline",
+        "_error",
+        "_head",
+        "_head_only",
+        "_head_size",
+        "_interim",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_raw",
+        "_reading_paused",
+        "_reason",
+        "_released",
+        "_timer",
+        "_until_eof",
+        "_waiter",
+        "content_length",
+        "headers",
+        "reason",
+        "request_sent",
+        "status",
+    )
+
     def __init__(self, conn: _Connection, method: str, deadline: float) -> None:
         self._conn = conn
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
-        self._head: asyncio.Future[None] = self._loop.create_future()
+        self._head: asyncio.Future[None] = loop.create_future()
         self._head_size = 0
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.headers: CIMultiDict[str] = _NO_HEADERS
         self.content_length: int | None = None
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -221,18 +254,18 @@ class Response:
             return
         self.status = status
         self.reason = self._reason.decode("latin-1")
-        headers = self.headers
-        chunked = False
-        for name, value in self._raw:
-            key = name.decode("latin-1")
-            text = value.decode("utf-8", "surrogateescape")
-            headers.add(key, text)
-            lower = key.lower()
-            if lower == "content-length":
-                self.content_length = int(text)
-            elif lower == "transfer-encoding":
-                chunked = text.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        self.headers = headers = CIMultiDict(
+            [
+                (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self._raw
+            ]
+        )
         self._raw.clear()
+        length = headers.get("Content-Length")
+        if length is not None:
+            self.content_length = int(length)
+        coding = headers.get("Transfer-Encoding")
+        chunked = coding is not None and coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
         self._keep_alive = self._parser.should_keep_alive() and not self._head_only
         self._until_eof = self.content_length is None and not chunked and status not in {204, 304}
         self._head.set_result(None)
