@@ -21,13 +21,8 @@ from multidict import CIMultiDict
 
 from netwatch.config.schema import Proxy
 from netwatch.proxy.forward import Forwarder
-from netwatch.proxy.upstream import (
-    MAX_HEAD,
-    ResponseCut,
-    Sending,
-    UpstreamClient,
-    UpstreamFailure,
-)
+from netwatch.proxy.upstream import ResponseCut, Sending, UpstreamClient, UpstreamFailure
+from netwatch.proxy.upstream_exchange import MAX_HEAD
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

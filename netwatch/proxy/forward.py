@@ -6,13 +6,13 @@ header the station did not send is added (no default ``Accept``, ``Accept-Encodi
 ``X-Forwarded-For`` / ``-Proto`` are added.
 
 Every network failure before the response headers (refused, reset, timeout, garbage) is
-one ``UpstreamFailure`` carrying a short reason (mapped in ``upstream.py``, the one place
-that knows sockets and the parser) and whether the request may have reached the upstream
-(``in_doubt``): a failure before a connection was obtained (refused, connect timeout, TLS
-handshake) never sent a byte; any failure after it may have (the upstream may have applied
-the write and then lost the answer). This module adds the deadlines: ``request_timeout``,
-``queue_after`` for a write that can be queued, and ``abandon_waiting`` when the proxy goes
-offline.
+one ``UpstreamFailure`` carrying a short reason (mapped in ``upstream.py`` and
+``upstream_exchange.py``, the only places that know sockets and the parser) and whether
+the request may have reached the upstream (``in_doubt``): a failure before a connection
+was obtained (refused, connect timeout, TLS handshake) never sent a byte; any failure
+after it may have (the upstream may have applied the write and then lost the answer).
+This module adds the deadlines: ``request_timeout``, ``queue_after`` for a write that can
+be queued, and ``abandon_waiting`` when the proxy goes offline.
 """
 
 from __future__ import annotations
