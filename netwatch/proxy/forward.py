@@ -158,6 +158,13 @@ def response_headers(upstream: CIMultiDict[str]) -> CIMultiDict[str]:
 
 async def read_limited(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, or ``BodyTooLarge`` as soon as it passes ``limit`` (chunked too)."""
+    content = request.content
+    if content.is_eof():
+        # The usual case: the body came with its head and is all in; taken as it is.
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise BodyTooLarge
+        return body
     length = request.content_length
     if length is not None and length <= limit:
         # The common case: one read of a known length, no chunk iteration.
