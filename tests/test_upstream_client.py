@@ -413,3 +413,16 @@ async def test_the_upstream_path_prefixes_the_station_path(tmp_path: Path) -> No
             response = await fwd.send("GET", fwd.target("/api/a%20b", "q=1"), CIMultiDict(), None)
             response.release()
     assert server.heads[0].startswith(b"GET /popdb/v1/api/a%20b?q=1 HTTP/1.1\r\n")
+
+
+async def test_request_timeout_also_bounds_a_body_that_stalls(tmp_path: Path) -> None:
+    stalled = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    async with (
+        raw_server(answers(stalled)) as server,
+        forwarder(f"http://127.0.0.1:{server.port}", tmp_path, request_timeout="300ms") as fwd,
+    ):
+        response = await fwd.send("GET", "/x", CIMultiDict(), None)
+        with pytest.raises(ResponseCut) as caught:
+            await asyncio.wait_for(response.read(), 3)
+        response.release()
+    assert caught.value.reason == "timeout"
