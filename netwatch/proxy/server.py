@@ -21,6 +21,7 @@ Nothing here logs a body, a path or a header value: paths and bodies carry citiz
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -162,23 +163,31 @@ class ProxyServer:
         self._forwarder = forwarder
         self._metrics = metrics
 
+    def _wrapped(self, handler: Handler) -> Handler:
+        """``handler`` inside the middlewares (the first outermost), composed once here:
+        aiohttp's own middleware chain adds a layer per request (every request matches a
+        route, the catch-all at least, so none bypasses them)."""
+        for outer in reversed((*self._middlewares, _contain_errors)):
+            handler = functools.partial(outer, handler=handler)
+        return handler
+
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[*self._middlewares, _contain_errors])
+        app = web.Application()
+        wrap = self._wrapped
         token = self.settings.admin_token
-        app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
-        app.router.add_get("/_netwatch/status", require_token(token, self._status))
-        app.router.add_get("/_netwatch/healthz", self._healthz)
+        app.router.add_get("/_netwatch/tickets/{ticket}", wrap(self._ticket))
+        app.router.add_get("/_netwatch/status", wrap(require_token(token, self._status)))
+        app.router.add_get("/_netwatch/healthz", wrap(self._healthz))
         if self._registry is not None:
             # A stand-alone `netwatch proxy` has no daemon endpoint: its metrics live here.
-            app.router.add_get(
-                "/_netwatch/metrics", require_token(token, metrics_handler(self._registry))
-            )
+            metrics = require_token(token, metrics_handler(self._registry))
+            app.router.add_get("/_netwatch/metrics", wrap(metrics))
         # The counter staff's page: with an admin token it reads the public subset.
         data_url = "/_netwatch/public" if token else "/_netwatch/status"
-        app.router.add_get("/_netwatch/", staff_page(data_url))
-        app.router.add_get("/_netwatch", self._to_page)
-        app.router.add_get("/_netwatch/public", self._public)
-        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        app.router.add_get("/_netwatch/", wrap(staff_page(data_url)))
+        app.router.add_get("/_netwatch", wrap(self._to_page))
+        app.router.add_get("/_netwatch/public", wrap(self._public))
+        app.router.add_route("*", "/{tail:.*}", wrap(self._proxy))
         return app
 
     # --- /_netwatch -----------------------------------------------------------------------
