@@ -1,16 +1,18 @@
 """Station proxy overhead against nginx: added latency, saturation throughput, failover.
 
     .venv/bin/python bench/proxy_overhead.py [--quick] [--rate 200] [--seconds 20] [--reps 4]
-        [--sat-seconds 10] [--sat-reps 3] [--no-failover] [--failover-reps 3]
+        [--sat-seconds 10] [--sat-reps 3] [--no-failover] [--failover-reps 3] [--baseline DIR]
 
 One fast upstream (``bench/_upstream.py serve``, raw asyncio, its own process) is reached
-three ways, all on loopback:
+three (or four) ways, all on loopback:
 
 - direct;
 - nginx as a keep-alive reverse proxy (generated config: ``worker_processes 1``,
   ``upstream { keepalive 64; }``, ``proxy_http_version 1.1``, ``Connection ""``);
 - the netwatch station proxy (``netwatch proxy -c FILE``, online: its guard target is the
-  upstream's ``/health``).
+  upstream's ``/health``);
+- with ``--baseline DIR``, a second station proxy running the ``netwatch`` package in
+  ``DIR`` (an export of another commit), measured in the same run, interleaved.
 
 Added latency: open loop at ``--rate`` req/s over 4 keep-alive connections, the paths
 interleaved in ``--reps`` segments; a request's latency runs from the moment its send was
