@@ -243,12 +243,25 @@ def netwatch(
         )
     )
     log = tmp / f"netwatch-{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": source} if source else {})}
+    if source:
+        # The console script must import the other tree, not this checkout's editable install.
+        where = subprocess.run(
+            [str(NETWATCH.with_name("python")), "-c", "import netwatch; print(netwatch.__file__)"],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not Path(where).resolve().is_relative_to(Path(source).resolve()):
+            raise RuntimeError(f"--baseline {source}: netwatch is imported from {where}")
     proc = subprocess.Popen(
         [str(NETWATCH), "proxy", "-c", str(conf)],
         stdin=subprocess.DEVNULL,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": source} if source else {})},
+        env=env,
     )
     try:
         wait_port(port, proc, timeout=30.0)
