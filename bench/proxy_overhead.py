@@ -1,16 +1,18 @@
 """Station proxy overhead against nginx: added latency, saturation throughput, failover.
 
     .venv/bin/python bench/proxy_overhead.py [--quick] [--rate 200] [--seconds 20] [--reps 4]
-        [--sat-seconds 10] [--sat-reps 3] [--no-failover] [--failover-reps 3]
+        [--sat-seconds 10] [--sat-reps 3] [--no-failover] [--failover-reps 3] [--baseline DIR]
 
 One fast upstream (``bench/_upstream.py serve``, raw asyncio, its own process) is reached
-three ways, all on loopback:
+three (or four) ways, all on loopback:
 
 - direct;
 - nginx as a keep-alive reverse proxy (generated config: ``worker_processes 1``,
   ``upstream { keepalive 64; }``, ``proxy_http_version 1.1``, ``Connection ""``);
 - the netwatch station proxy (``netwatch proxy -c FILE``, online: its guard target is the
-  upstream's ``/health``).
+  upstream's ``/health``);
+- with ``--baseline DIR``, a second station proxy running the ``netwatch`` package in
+  ``DIR`` (an export of another commit), measured in the same run, interleaved.
 
 Added latency: open loop at ``--rate`` req/s over 4 keep-alive connections, the paths
 interleaved in ``--reps`` segments; a request's latency runs from the moment its send was
@@ -58,7 +60,7 @@ from _measure import stop
 ROOT = Path(__file__).resolve().parent.parent
 NETWATCH = ROOT / ".venv" / "bin" / "netwatch"
 NGINX = "/usr/sbin/nginx"
-PATHS = ("direct", "nginx", "netwatch")
+NETWATCHES = ("netwatch", "baseline")  # baseline: another source tree, with --baseline
 BODY = b'{"citizen_id": "079203001234", "kind": "id_card", "station": "counter-3"}'
 POST_PATH = "/api/applications"
 GET_PATH = "/health"
@@ -215,9 +217,16 @@ def proxy_status(port: int) -> dict[str, object]:
 
 @contextlib.contextmanager
 def netwatch(
-    tmp: Path, upstream: int, guard_port: int, guard: Guard, name: str
+    tmp: Path,
+    upstream: int,
+    guard_port: int,
+    guard: Guard,
+    name: str,
+    *,
+    source: str | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """``netwatch proxy`` in front of ``upstream``, online; yields (port, pid)."""
+    """``netwatch proxy`` in front of ``upstream``, online; yields (port, pid). ``source``:
+    a directory holding another ``netwatch`` package to run instead (put first on the path)."""
     port = free_port()
     conf = tmp / f"netwatch-{name}.yaml"
     conf.write_text(
@@ -234,12 +243,25 @@ def netwatch(
         )
     )
     log = tmp / f"netwatch-{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": source} if source else {})}
+    if source:
+        # The console script must import the other tree, not this checkout's editable install.
+        where = subprocess.run(
+            [str(NETWATCH.with_name("python")), "-c", "import netwatch; print(netwatch.__file__)"],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not Path(where).resolve().is_relative_to(Path(source).resolve()):
+            raise RuntimeError(f"--baseline {source}: netwatch is imported from {where}")
     proc = subprocess.Popen(
         [str(NETWATCH), "proxy", "-c", str(conf)],
         stdin=subprocess.DEVNULL,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env,
     )
     try:
         wait_port(port, proc, timeout=30.0)
@@ -441,24 +463,30 @@ def pct(values: list[float], q: float) -> float:
 # --- added latency ---------------------------------------------------------------------------
 
 
+def interleaved(paths: tuple[str, ...], rep: int) -> tuple[str, ...]:
+    """The paths in the order of repetition ``rep``: each goes first in turn."""
+    shift = rep % len(paths)
+    return paths[shift:] + paths[:shift]
+
+
 async def latency(ports: dict[str, int], args: argparse.Namespace) -> None:
+    paths = tuple(ports)
     per_segment = max(1, round(args.rate * args.seconds / args.reps))
     print(
         f"\n== Added latency: open loop {args.rate:g} req/s, {LATENCY_CONNS} keep-alive"
         f" connections, {args.reps} x {per_segment / args.rate:g} s per path and method,"
         " interleaved =="
     )
-    pools = {p: Pool(ports[p], LATENCY_CONNS) for p in PATHS}
+    pools = {p: Pool(ports[p], LATENCY_CONNS) for p in paths}
     for pool in pools.values():
         await pool.fill(LATENCY_CONNS)
     samples: dict[tuple[str, str], list[list[Rec]]] = {}
     for method in ("POST", "GET"):
         payload = request_bytes(method)
-        for path in PATHS:  # warm-up: connection pools upstream, code paths
+        for path in paths:  # warm-up: connection pools upstream, code paths
             await paced(pools[path], payload, args.rate, int(args.rate))
         for rep in range(args.reps):
-            order = PATHS[rep % 3 :] + PATHS[: rep % 3]
-            for path in order:
+            for path in interleaved(paths, rep):
                 recs = await paced(pools[path], payload, args.rate, per_segment)
                 samples.setdefault((method, path), []).append(recs)
     for pool in pools.values():
@@ -470,7 +498,7 @@ async def latency(ports: dict[str, int], args: argparse.Namespace) -> None:
     )
     for method in ("POST", "GET"):
         direct = [r.ms for seg in samples[method, "direct"] for r in seg if r.status == 200]
-        for path in PATHS:
+        for path in paths:
             segs = samples[method, path]
             ok = [r.ms for seg in segs for r in seg if r.status == 200]
             errors = sum(1 for seg in segs for r in seg if r.status != 200)
@@ -488,7 +516,7 @@ async def latency(ports: dict[str, int], args: argparse.Namespace) -> None:
                         for s, d in zip(segs, samples[method, "direct"], strict=True)
                     ]
                     verdict = ""
-                    if path == "netwatch":
+                    if path in NETWATCHES:
                         verdict = " ok" if added < goal else " MISS"
                     cells.append(
                         f"{added:+7.3f} [{min(per_seg):+.3f}..{max(per_seg):+.3f}]{verdict:>5}"
@@ -564,13 +592,13 @@ def throughput(ports: dict[str, int], pids: dict[str, int], tmp: Path, args: Nam
         f"\n== Throughput at saturation: wrk -t1 -c{SAT_CONNS}, closed loop,"
         f" {args.sat_reps} x {args.sat_seconds:g} s per path and method, interleaved =="
     )
+    paths = tuple(ports)
     runs: dict[tuple[str, str], list[SatRun]] = {}
     for method in ("POST", "GET"):
-        for path in PATHS:  # warm-up
+        for path in paths:  # warm-up
             wrk(ports[path], method, 1, lua)
         for rep in range(args.sat_reps):
-            order = PATHS[rep % 3 :] + PATHS[: rep % 3]
-            for path in order:
+            for path in interleaved(paths, rep):
                 run = saturate(ports[path], method, args.sat_seconds, lua, pids)
                 runs.setdefault((method, path), []).append(run)
     names = [*pids, "wrk"]
@@ -578,7 +606,7 @@ def throughput(ports: dict[str, int], pids: dict[str, int], tmp: Path, args: Nam
     print(f"{'method':<6} {'path':<9} {'req/s median [min..max]':>26} {'errors':>6}{header}")
     print(f"{'':<17} {'(CPU: % of one core, medians; machine: % of all cores)':>26}")
     for method in ("POST", "GET"):
-        for path in PATHS:
+        for path in paths:
             rs = runs[method, path]
             rps = [r.rps for r in rs]
             cpus = "".join(f" {statistics.median(r.cpu[n] for r in rs):>11.0f}" for n in names)
@@ -587,17 +615,18 @@ def throughput(ports: dict[str, int], pids: dict[str, int], tmp: Path, args: Nam
                 f" [{min(rps):>6,.0f}..{max(rps):>6,.0f}] {sum(r.errors for r in rs):>6}{cpus}"
                 f"   machine {statistics.median(r.machine for r in rs):.0f}%"
             )
-        nw = statistics.median(r.rps for r in runs[method, "netwatch"])
         ng = statistics.median(r.rps for r in runs[method, "nginx"])
-        ratios = [
-            a.rps / b.rps
-            for a, b in zip(runs[method, "netwatch"], runs[method, "nginx"], strict=True)
-        ]
-        verdict = "ok" if nw / ng >= GOAL_RATIO else "MISS"
-        print(
-            f"{method:<6} netwatch/nginx = {nw / ng:.3f} [{min(ratios):.3f}..{max(ratios):.3f}]"
-            f" (goal >= {GOAL_RATIO}) {verdict}"
-        )
+        for name in (p for p in paths if p in NETWATCHES):
+            nw = statistics.median(r.rps for r in runs[method, name])
+            ratios = [
+                a.rps / b.rps
+                for a, b in zip(runs[method, name], runs[method, "nginx"], strict=True)
+            ]
+            verdict = "ok" if nw / ng >= GOAL_RATIO else "MISS"
+            print(
+                f"{method:<6} {name}/nginx = {nw / ng:.3f} [{min(ratios):.3f}..{max(ratios):.3f}]"
+                f" (goal >= {GOAL_RATIO}) {verdict}"
+            )
 
 
 # --- failover --------------------------------------------------------------------------------
@@ -726,9 +755,16 @@ async def run(args: Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nw-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         with child("serve") as (up_proc, upstream), nginx(tmp, upstream) as (ng_port, ng_pid):
-            with netwatch(tmp, upstream, upstream, Guard(), "online") as (nw_port, nw_pid):
+            with contextlib.ExitStack() as stack:
+                nw_port, nw_pid = stack.enter_context(
+                    netwatch(tmp, upstream, upstream, Guard(), "online")
+                )
                 ports = {"direct": upstream, "nginx": ng_port, "netwatch": nw_port}
                 pids = {"netwatch": nw_pid, "nginx": ng_pid, "upstream": up_proc.pid}
+                if args.baseline:
+                    ports["baseline"], pids["baseline"] = stack.enter_context(
+                        netwatch(tmp, upstream, upstream, Guard(), "baseline", source=args.baseline)
+                    )
                 if "latency" in args.sections:
                     await latency(ports, args)
                 if "throughput" in args.sections:
@@ -761,6 +797,11 @@ def main() -> None:
     parser.add_argument("--failover-reps", type=int, default=3)
     parser.add_argument("--offline-seconds", type=float, default=5.0)
     parser.add_argument("--dir", default=None, help="where the queue files go (a real disk)")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure the netwatch package found in DIR (e.g. an export of main), same run",
+    )
     args = parser.parse_args()
     args.sections = set(args.sections.split(","))
     if args.quick:

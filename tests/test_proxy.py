@@ -487,22 +487,6 @@ async def test_wrong_queue_key_fails_fast(tmp_path: Path, sim: PopulationSimulat
             pass
 
 
-def test_a_reset_while_writing_the_body_counts_as_a_reset() -> None:
-    """aiohttp reports it without an errno; the chained cause tells what happened."""
-    import aiohttp
-
-    from netwatch.proxy.forward import _failure
-
-    wrapped = aiohttp.ClientOSError("Can not write request body")
-    wrapped.__cause__ = ConnectionResetError(104, "Connection reset by peer")
-    failure = _failure(wrapped)
-    assert failure.reason == "connection reset"
-    assert failure.retryable_now
-    assert _failure(aiohttp.ClientOSError("something else")).reason == (
-        "upstream error: ClientOSError"
-    )
-
-
 async def test_black_holed_write_is_queued_after_queue_after_without_waiting_for_the_guard(
     tmp_path: Path, client: aiohttp.ClientSession, relay: FaultRelay
 ) -> None:
@@ -561,3 +545,5 @@ def test_added_idempotency_keys_are_distinct_version_4_uuids() -> None:
     keys = {new_idempotency_key() for _ in range(10_000)}
     assert len(keys) == 10_000
     assert all(uuid.UUID(k).version == 4 for k in keys)
+    assert all(uuid.UUID(k).variant == uuid.RFC_4122 for k in keys)
+    assert all(str(uuid.UUID(k)) == k for k in keys)  # the canonical lower-case form

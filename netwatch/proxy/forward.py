@@ -1,39 +1,56 @@
-"""Talking to the upstream: one shared aiohttp ClientSession for forwards and replays.
+"""Talking to the upstream: one shared ``UpstreamClient`` for forwards and replays.
 
-The proxy must be transparent, so the session never decompresses, never follows redirects
-and never adds headers the station did not send (no default ``Accept-Encoding``,
+The proxy must be transparent: nothing is decompressed, no redirect is followed and no
+header the station did not send is added (no default ``Accept``, ``Accept-Encoding``,
 ``User-Agent`` or ``Content-Type``). Only hop-by-hop headers are dropped, and
 ``X-Forwarded-For`` / ``-Proto`` are added.
 
-Every network failure before the response headers (refused, reset, timeout, garbage) becomes
-one ``UpstreamFailure`` carrying a short reason: the single place where aiohttp's error tree
-is mapped to what the mode machine calls a passive failure. It also says whether the request
-may have reached the upstream (``in_doubt``): a failure before a connection was obtained
-(refused, connect timeout, TLS handshake) never sent a byte; any failure after it may have
-(the upstream may have applied the write and then lost the answer).
+Every network failure before the response headers (refused, reset, timeout, garbage) is
+one ``UpstreamFailure`` carrying a short reason (mapped in ``upstream.py`` and
+``upstream_exchange.py``, the only places that know sockets and the parser) and whether
+the request may have reached the upstream (``in_doubt``): a failure before a connection
+was obtained (refused, connect timeout, TLS handshake) never sent a byte; any failure
+after it may have (the upstream may have applied the write and then lost the answer).
+This module adds the deadlines: ``request_timeout``, ``queue_after`` for a write that can
+be queued, and ``abandon_waiting`` when the proxy goes offline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import errno
-import ssl
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from netwatch.config.schema import Lookup, Proxy, Replayable
 from netwatch.proxy.dedupe import rule_for, strategy_for
 from netwatch.proxy.queue import Entry
+from netwatch.proxy.upstream import (
+    Response,
+    ResponseCut,
+    Sending,
+    UpstreamClient,
+    UpstreamFailure,
+)
+
+__all__ = [
+    "UPSTREAM_DOWN_STATUSES",
+    "BodyTooLarge",
+    "CountedBody",
+    "Forwarder",
+    "Reply",
+    "Response",
+    "ResponseCut",
+    "UpstreamFailure",
+    "is_replayable",
+    "outgoing_headers",
+    "read_limited",
+]
 
 log = structlog.get_logger("netwatch.proxy.forward")
 
@@ -53,36 +70,43 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-# The session would otherwise invent these; a transparent proxy sends only what it got.
-SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 UPSTREAM_DOWN_STATUSES = frozenset({502, 503, 504})
-POOL_SIZE = 100
 CHUNK = 64 * 1024
 # Responses up to this size (with a Content-Length) are relayed in one write.
 SMALL_RESPONSE = 64 * 1024
+_BODYLESS = frozenset({204, 304})
+_HOST = frozenset({"host"})  # the upstream's own Host goes out instead
 
 
-class UpstreamFailure(Exception):
-    """The upstream could not be reached or did not answer (before any response header)."""
+class _Deadline:
+    """The end of one attempt's wait for an answer: cancels the waiting task when it comes,
+    as ``asyncio.timeout`` would (one timer, nothing more on the hot path), and says why:
+    ``"limit"`` (queue_after or request_timeout) or ``"abandoned"`` (the proxy went
+    offline, see ``Forwarder.abandon_waiting``)."""
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        retryable_now: bool = False,
-        abandoned: bool = False,
-        in_doubt: bool = True,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        # Ended by ``abandon_waiting`` because the proxy already went offline.
-        self.abandoned = abandoned
-        # Maybe a dropped keep-alive connection: one immediate retry on a fresh one, when
-        # sending twice is harmless (a read, or an upstream that honours Idempotency-Key).
-        self.retryable_now = retryable_now
-        # The request may have reached the upstream (its bytes were, or may have been,
-        # written): it may have been applied. False only when nothing was sent for sure.
-        self.in_doubt = in_doubt
+    __slots__ = ("_cancelling", "_handle", "_task", "why")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.why: str | None = None
+        self._handle = loop.call_at(when, self.expire, "limit")
+
+    def expire(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+            self._task.cancel()
+
+    def ended(self) -> bool:
+        """After a CancelledError: True when this deadline caused it (and only it: it is
+        then absorbed), False when the task was cancelled from outside (propagate it)."""
+        return self.why is not None and self._task.uncancel() <= self._cancelling
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 class BodyTooLarge(Exception):
@@ -102,44 +126,22 @@ def is_replayable(rules: tuple[Replayable, ...], method: str, path: str) -> bool
     return rule_for(rules, method, path) is not None
 
 
-class _Sending:
-    """Per request: has a connection been obtained (so the request may have gone out)?"""
-
-    __slots__ = ("connected",)
-
-    def __init__(self) -> None:
-        self.connected = False
-
-
-_SENDING: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar(
-    "netwatch_sending", default=None
-)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """Marks the current request connected once the pool hands it a connection: from then
-    on the request is written without another wait, so a failure may follow its bytes."""
-
-    async def connect(
-        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.connector.Connection:
-        conn = await super().connect(req, traces, timeout)
-        sending = _SENDING.get()
-        if sending is not None:
-            sending.connected = True
-        return conn
+def _listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """Hop-by-hop headers: the fixed set, plus any the Connection header names."""
+    connection = headers.getall("Connection", ())
+    if not connection:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {
+        token.strip().lower() for value in connection for token in value.split(",")
+    }
 
 
 def outgoing_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    """The station's headers minus hop-by-hop ones, plus the X-Forwarded-* pair."""
-    listed = {
-        token.strip().lower()
-        for value in request.headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    drop = HOP_BY_HOP | listed | {"host"}
+    """The station's headers minus hop-by-hop ones (and Host), plus the X-Forwarded-* pair."""
+    incoming = request.headers
+    drop = _listed(incoming) | _HOST
     headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in request.headers.items() if name.lower() not in drop
+        [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     )
     peer = request.remote or ""
     if peer:
@@ -149,18 +151,20 @@ def outgoing_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     return headers
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    listed = {
-        token.strip().lower()
-        for value in upstream.getall("Connection", [])
-        for token in value.split(",")
-    }
-    drop = HOP_BY_HOP | listed
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+def response_headers(upstream: CIMultiDict[str]) -> CIMultiDict[str]:
+    drop = _listed(upstream)
+    return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in drop])
 
 
 async def read_limited(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, or ``BodyTooLarge`` as soon as it passes ``limit`` (chunked too)."""
+    content = request.content
+    if content.is_eof():
+        # The usual case: the body came with its head and is all in; taken as it is.
+        body = content.read_nowait(-1)
+        if len(body) > limit:
+            raise BodyTooLarge
+        return body
     length = request.content_length
     if length is not None and length <= limit:
         # The common case: one read of a known length, no chunk iteration.
@@ -183,10 +187,19 @@ class CountedBody:
         self._request = request
         self._limit = limit
         self.exceeded = False
+        # As the station announced it (None: chunked): the upstream gets the same framing.
+        self.length = request.content_length
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self._request.content.iter_chunked(CHUNK):
+        content = self._request.content
+        while True:
+            try:
+                chunk = await content.read(CHUNK)
+            except Exception as exc:  # whatever the server reports: the station is gone
+                raise ConnectionResetError("the station closed before sending its body") from exc
+            if not chunk:
+                return
             seen += len(chunk)
             if seen > self._limit:
                 self.exceeded = True
@@ -194,89 +207,47 @@ class CountedBody:
             yield chunk
 
 
-def _is_reset(exc: aiohttp.ClientOSError) -> bool:
-    """A reset or broken pipe, also when aiohttp wraps it without an errno (a reset while
-    the request body is being written arrives as "Can not write request body")."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionResetError | BrokenPipeError):
-            return True
-        if isinstance(seen, OSError) and seen.errno in {errno.ECONNRESET, errno.EPIPE}:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _failure(exc: BaseException, *, connected: bool = True) -> UpstreamFailure:
-    """Map aiohttp's error tree to one reason string (the only place that knows it);
-    ``connected``: a connection was obtained, so the request may have been written."""
-    retryable = False
-    match exc:
-        case aiohttp.ClientConnectorError() if exc.os_error.errno == errno.ECONNREFUSED:
-            reason = "connection refused"
-        case aiohttp.ConnectionTimeoutError():
-            reason = "connect timeout"
-        case aiohttp.ClientConnectorError():
-            reason = "connect failed"
-        case aiohttp.ServerDisconnectedError():
-            reason, retryable = "disconnected", True
-        case aiohttp.ClientOSError() if _is_reset(exc):
-            reason, retryable = "connection reset", True
-        case TimeoutError() | aiohttp.ServerTimeoutError():
-            reason = "timeout"
-        case _:
-            reason = f"upstream error: {type(exc).__name__}"
-    never_sent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-    return UpstreamFailure(reason, retryable_now=retryable, in_doubt=connected and not never_sent)
-
-
 class Forwarder:
-    """Owns the shared ClientSession (an async context manager)."""
+    """Owns the shared ``UpstreamClient`` (an async context manager)."""
 
     def __init__(self, settings: Proxy) -> None:
         self.settings = settings
-        self._base = settings.upstream.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
+        self._base_path = ""
         # Deadlines of forwards still waiting for response headers, so that going offline
         # can end them at once (their requests are then queued, see ``abandon_waiting``).
-        self._waiting: set[asyncio.Timeout] = set()
-        self._abandoned: set[asyncio.Timeout] = set()
+        self._waiting: set[_Deadline] = set()
 
     async def __aenter__(self) -> Self:
-        ssl_context: ssl.SSLContext | bool = True
-        if self.settings.ca_file:
-            ssl_context = ssl.create_default_context(cafile=self.settings.ca_file)
-        connector = _Connector(
-            limit=POOL_SIZE, limit_per_host=POOL_SIZE, ssl=ssl_context, keepalive_timeout=30
+        settings = self.settings
+        self._client = UpstreamClient(
+            settings.upstream,
+            connect_timeout=settings.connect_timeout,
+            ca_file=settings.ca_file,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=self.settings.request_timeout, sock_connect=self.settings.connect_timeout
-            ),
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-        )
+        self._base_path = self._client.base_path
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def client(self) -> UpstreamClient:
+        if self._client is None:
             raise RuntimeError("Forwarder used outside its context")
-        return self._session
+        return self._client
 
     def _closing(self) -> bool:
-        return self._session is None or self._session.closed
+        return self._client is None or self._client.closed
 
-    def url(self, raw_path: str, raw_query: str = "") -> URL:
-        return URL(self._base + raw_path + (f"?{raw_query}" if raw_query else ""), encoded=True)
+    def target(self, raw_path: str, raw_query: str = "") -> str:
+        """The request target upstream: the upstream URL's path, then the station's."""
+        path = self._base_path + raw_path
+        return f"{path}?{raw_query}" if raw_query else path
 
     def abandon_waiting(self) -> None:
         """End every forward still waiting for response headers (their callers queue them).
@@ -284,70 +255,73 @@ class Forwarder:
         Only replayable requests are abandoned, and one that was sent is queued in doubt:
         its replay is settled by the rule's dedupe strategy, never blindly re-sent.
         """
-        loop = asyncio.get_running_loop()
         for deadline in list(self._waiting):
-            self._abandoned.add(deadline)
-            deadline.reschedule(loop.time())
-
-    @contextmanager
-    def _abandonable(self, deadline: asyncio.Timeout, on: bool) -> Iterator[None]:
-        if on:
-            self._waiting.add(deadline)
-        try:
-            yield
-        finally:
-            self._waiting.discard(deadline)
-            self._abandoned.discard(deadline)
+            deadline.expire("abandoned")
 
     async def send(
         self,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes | CountedBody | None,
         *,
         abandonable: bool = False,
         idempotent: bool = False,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send and return the response once its headers are in (the caller releases it).
 
+        ``request_timeout`` bounds the whole exchange (the body's reading too); a queueable
+        write waits at most ``queue_after`` for its answer, then is queued.
+
         ``idempotent`` requests (sending twice is harmless: a safe method, or a write to an
-        upstream that honours Idempotency-Key; the body in memory) get one immediate retry
-        when a pooled keep-alive connection turns out to be dead, so a stale connection is
-        not mistaken for a lost link. Any other request that may have been sent is never
-        sent again here: the failure says ``in_doubt``.
+        upstream that honours Idempotency-Key; the body in memory) get one immediate retry,
+        on a fresh connection, when their connection dies without an answer, so a stale
+        keep-alive connection is not mistaken for a lost link. Any other request that may
+        have been sent is never sent again here: the failure says ``in_doubt``.
         """
-        attempts = 2 if idempotent and not isinstance(body, CountedBody) else 1
-        # A queueable write waits at most queue_after for its answer, then is queued.
+        streamed = isinstance(body, CountedBody)
+        attempts = 2 if idempotent and not streamed else 1
+        limit = self.settings.request_timeout
         wait = self.settings.queue_after if abandonable else None
+        # Which limit ends the wait for the headers first: queue_after, or request_timeout.
+        by_wait = wait is not None and wait < limit
+        loop = asyncio.get_running_loop()
+        client = self.client
         for attempt in range(attempts):
-            deadline = asyncio.timeout(wait)
-            abandoned = False
-            sending = _Sending()
-            token = _SENDING.set(sending)
+            started = loop.time()
+            deadline = _Deadline(loop, started + (limit if wait is None else min(wait, limit)))
+            sending = Sending()
+            if abandonable:
+                self._waiting.add(deadline)
             try:
-                async with deadline:
-                    with self._abandonable(deadline, abandonable):
-                        try:
-                            return await self.session.request(
-                                method, url, headers=headers, data=body, allow_redirects=False
-                            )
-                        finally:
-                            abandoned = deadline in self._abandoned
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                return await client.request(
+                    method,
+                    target,
+                    headers.items(),
+                    body,
+                    sending=sending,
+                    deadline=started + limit,
+                    length=body.length if isinstance(body, CountedBody) else None,
+                    fresh=attempt > 0,
+                )
+            except asyncio.CancelledError as exc:
+                if not deadline.ended():
+                    raise
                 if isinstance(body, CountedBody) and body.exceeded:
                     raise BodyTooLarge from exc
                 sent = sending.connected
-                if deadline.expired() and abandoned:
+                if deadline.why == "abandoned":
                     raise UpstreamFailure(
                         "abandoned: proxy offline", abandoned=True, in_doubt=sent
                     ) from exc
-                if deadline.expired():
+                if by_wait:
                     raise UpstreamFailure(f"no answer in {wait:g}s", in_doubt=sent) from exc
-                failure = _failure(exc, connected=sent)
-                # A closed session means the proxy is shutting down: no second attempt.
+                reason = "timeout" if sent else "connect timeout"
+                raise UpstreamFailure(reason, in_doubt=sent) from exc
+            except UpstreamFailure as failure:
+                # A closed client means the proxy is shutting down: no second attempt.
                 if not failure.retryable_now or attempt == attempts - 1 or self._closing():
-                    raise failure from exc
+                    raise
                 if failure.in_doubt:
                     # Said out loud: the upstream may now receive this request twice (it
                     # de-duplicates on this key, or the request is a read).
@@ -357,44 +331,40 @@ class Forwarder:
                         idempotency_key=headers.get("Idempotency-Key"),
                     )
             finally:
-                _SENDING.reset(token)
+                deadline.stop()
+                if abandonable:
+                    self._waiting.discard(deadline)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def counted(self, request: web.BaseRequest) -> CountedBody:
         return CountedBody(request, self.settings.max_body)
 
-    async def relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
+    async def relay(self, request: web.BaseRequest, upstream: Response) -> web.StreamResponse:
         """Stream the upstream response back to the station as it arrives; a small one of
         known length is read whole and answered in one write (headers and body together)."""
         length = upstream.content_length
-        bodyless = request.method == "HEAD" or upstream.status in (204, 304)
+        bodyless = request.method == "HEAD" or upstream.status in _BODYLESS
         if length is not None and length <= SMALL_RESPONSE and not bodyless:
             try:
-                body = await upstream.content.readexactly(length)
-            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                raise ResponseCut("upstream closed mid-body") from exc
+                body = await upstream.read()
             finally:
                 upstream.release()
             return web.Response(
                 status=upstream.status,
-                reason=upstream.reason,
+                reason=upstream.reason or None,
                 headers=response_headers(upstream.headers),
                 body=body,
             )
         response = web.StreamResponse(
             status=upstream.status,
-            reason=upstream.reason,
+            reason=upstream.reason or None,
             headers=response_headers(upstream.headers),
         )
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            # Once the headers are out, a ResponseCut can only cut the station's connection.
+            while chunk := await upstream.read_chunk():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are out: nothing to do but cut the station's connection too.
-            raise ResponseCut(_failure(exc).reason) from exc
         finally:
             upstream.release()
         await response.write_eof()
@@ -405,17 +375,20 @@ class Forwarder:
         connection is retried at once only when its rule says the upstream de-duplicates)."""
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         headers["Idempotency-Key"] = entry.idempotency_key
-        url = self.url(entry.path, entry.query)
         settings = self.settings
         dedupe = strategy_for(settings.replayable, settings.dedupe, entry.method, entry.path)
         response = await self.send(
-            entry.method, url, headers, entry.body, idempotent=dedupe == "idempotency-key"
+            entry.method,
+            self.target(entry.path, entry.query),
+            headers,
+            entry.body,
+            idempotent=dedupe == "idempotency-key",
         )
         try:
-            body = await _read_prefix(response, keep_body)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            body = await response.read(keep_body)
+        except ResponseCut as cut:
             # The status is in; a broken body does not change the verdict.
-            body = f"<body unreadable: {type(exc).__name__}>".encode()
+            body = f"<body unreadable: {cut.reason}>".encode()
         finally:
             response.release()
         return Reply(response.status, response.headers.get("Retry-After"), body)
@@ -430,30 +403,13 @@ class Forwarder:
             if not k.lower().startswith("content-") and k.lower() != "idempotency-key"
         )
         raw_path, _, raw_query = path.partition("?")
-        url = self.url(raw_path, raw_query)
-        response = await self.send(lookup.method, url, headers, None, idempotent=True)
+        response = await self.send(
+            lookup.method, self.target(raw_path, raw_query), headers, None, idempotent=True
+        )
         try:
-            await _read_prefix(response, SMALL_RESPONSE)  # read, so the connection is reused
-        except (aiohttp.ClientError, TimeoutError):
+            await response.read(SMALL_RESPONSE)  # read, so the connection is reused
+        except ResponseCut:
             pass  # the status is the answer
         finally:
             response.release()
         return response.status
-
-
-async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    buffer = bytearray()
-    while len(buffer) < limit:
-        chunk = await response.content.read(limit - len(buffer))
-        if not chunk:
-            break
-        buffer += chunk
-    return bytes(buffer)
-
-
-class ResponseCut(Exception):
-    """The upstream failed after the response headers were relayed to the station."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

@@ -21,8 +21,8 @@ Nothing here logs a body, a path or a header value: paths and bodies carry citiz
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -90,9 +90,16 @@ def iso(ts: float | None) -> str | None:
 _keys = random.Random()  # seeded from os.urandom; keys need uniqueness, not secrecy
 
 
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.UUID sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_idempotency_key() -> str:
-    """A random (version 4) UUID without a system call per request."""
-    return str(uuid.UUID(int=_keys.getrandbits(128), version=4))
+    """A random (version 4) UUID without a system call per request (formatted directly:
+    building a ``uuid.UUID`` costs more than the rest of the key)."""
+    text = f"{(_keys.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _order_key(request: web.Request) -> str:
@@ -156,23 +163,31 @@ class ProxyServer:
         self._forwarder = forwarder
         self._metrics = metrics
 
+    def _wrapped(self, handler: Handler) -> Handler:
+        """``handler`` inside the middlewares (the first outermost), composed once here:
+        aiohttp's own middleware chain adds a layer per request (every request matches a
+        route, the catch-all at least, so none bypasses them)."""
+        for outer in reversed((*self._middlewares, _contain_errors)):
+            handler = functools.partial(outer, handler=handler)
+        return handler
+
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[*self._middlewares, _contain_errors])
+        app = web.Application()
+        wrap = self._wrapped
         token = self.settings.admin_token
-        app.router.add_get("/_netwatch/tickets/{ticket}", self._ticket)
-        app.router.add_get("/_netwatch/status", require_token(token, self._status))
-        app.router.add_get("/_netwatch/healthz", self._healthz)
+        app.router.add_get("/_netwatch/tickets/{ticket}", wrap(self._ticket))
+        app.router.add_get("/_netwatch/status", wrap(require_token(token, self._status)))
+        app.router.add_get("/_netwatch/healthz", wrap(self._healthz))
         if self._registry is not None:
             # A stand-alone `netwatch proxy` has no daemon endpoint: its metrics live here.
-            app.router.add_get(
-                "/_netwatch/metrics", require_token(token, metrics_handler(self._registry))
-            )
+            metrics = require_token(token, metrics_handler(self._registry))
+            app.router.add_get("/_netwatch/metrics", wrap(metrics))
         # The counter staff's page: with an admin token it reads the public subset.
         data_url = "/_netwatch/public" if token else "/_netwatch/status"
-        app.router.add_get("/_netwatch/", staff_page(data_url))
-        app.router.add_get("/_netwatch", self._to_page)
-        app.router.add_get("/_netwatch/public", self._public)
-        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        app.router.add_get("/_netwatch/", wrap(staff_page(data_url)))
+        app.router.add_get("/_netwatch", wrap(self._to_page))
+        app.router.add_get("/_netwatch/public", wrap(self._public))
+        app.router.add_route("*", "/{tail:.*}", wrap(self._proxy))
         return app
 
     # --- /_netwatch -----------------------------------------------------------------------
@@ -257,6 +272,8 @@ class ProxyServer:
         """The whole body, or the answer that refuses it (too large, or too slow)."""
         limit = self.settings.max_body
         try:
+            if request.content.is_eof():  # all in already: nothing to wait for
+                return await read_limited(request, limit)
             async with asyncio.timeout(self.settings.body_timeout):
                 return await read_limited(request, limit)
         except BodyTooLarge:
@@ -279,7 +296,8 @@ class ProxyServer:
         ``resend_safe`` says whether the upstream de-duplicates it (its rule's strategy)."""
         fwd = self._forwarder
         method = request.method
-        url = fwd.url(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        url = request.rel_url
+        target = fwd.target(url.raw_path, url.raw_query_string)
         body: bytes | CountedBody | None
         if buffered is not None:
             body = buffered[0]
@@ -290,7 +308,12 @@ class ProxyServer:
         idempotent = resend_safe or (buffered is None and method in SAFE_METHODS and body is None)
         try:
             upstream = await fwd.send(
-                method, url, headers, body, abandonable=buffered is not None, idempotent=idempotent
+                method,
+                target,
+                headers,
+                body,
+                abandonable=buffered is not None,
+                idempotent=idempotent,
             )
         except BodyTooLarge:
             return "rejected", _error(413, "body_too_large", max_body=self.settings.max_body)
