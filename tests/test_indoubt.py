@@ -192,7 +192,12 @@ class Lab:
             if self.strategy == "hold":
                 await self.operator_resolves()
             await asyncio.sleep(0.2)
-        raise AssertionError(f"not drained in {timeout}s: {await self.proxy.status()}")
+        # Say why: a proxy that died (its exit status: -7 was SIGBUS) or what it reports.
+        exited = self.proxy.daemon.proc.poll() if self.proxy.daemon else None
+        raise AssertionError(
+            f"not drained in {timeout}s: exit status {exited}, "
+            f"status {await self.proxy.status()}\n{self.proxy.log_tail()}"
+        )
 
     async def check_exactly_once(self) -> None:
         """Every acknowledged application applied once, in order per station; tickets

@@ -52,7 +52,7 @@ from netwatch.proxy.queue_file import (
     tighten,
     translate,
 )
-from netwatch.proxy.queue_writer import GroupWriter, Txn, file_size, read_tally
+from netwatch.proxy.queue_writer import GroupWriter, Txn, WalIndex, file_size, read_tally
 
 EntryState = Literal["queued", "in_doubt", "delivered", "dead"]
 Health = Literal["ok", "disk_full", "damaged"]
@@ -195,6 +195,7 @@ class DurableQueue:
         self._writer: GroupWriter | None = None
         self._rconn: sqlite3.Connection | None = None
         self._rlock = threading.Lock()  # one query-only connection, one reader at a time
+        self._wal_index = WalIndex(Path(f"{path}-shm"))
 
     @classmethod
     def open(
@@ -271,6 +272,7 @@ class DurableQueue:
                 self._rconn = None
         if witness is not None:
             witness.close()
+        self._wal_index.close()  # last: its close drops this process's locks on the -shm
 
     def _witness(self) -> sqlite3.Connection | None:
         try:
@@ -294,7 +296,7 @@ class DurableQueue:
             wconn, damage = self._connect(kind, damage)
         except OSError as exc:
             raise QueueError(f"{self.path}: cannot open the queue: {exc}") from exc
-        self._writer = GroupWriter(wconn, self.path, max_batch=self._max_batch)
+        self._writer = GroupWriter(wconn, self.path, self._wal_index, max_batch=self._max_batch)
         if damage is not None:
             if not damage.startswith(str(self.path)):
                 damage = f"{self.path}: the queue file is damaged ({damage})"

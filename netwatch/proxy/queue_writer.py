@@ -86,7 +86,9 @@ class _Job:
 class GroupWriter:
     """The writer thread and its connection."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, *, max_batch: int) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, index: WalIndex, *, max_batch: int
+    ) -> None:
         self.commits = 0  # transactions committed
         self.damaged: str | None = None  # why the file is unusable, for good
         self.disk_full = False  # the last write failed for want of space
@@ -97,7 +99,7 @@ class GroupWriter:
         self._closed = False
         self.checkpoints = 0  # checkpoints run (PASSIVE past _CHECKPOINT_FRAMES, TRUNCATE)
         self._wal = Path(f"{path}-wal")
-        self._shm = Path(f"{path}-shm")
+        self._index = index
         self._thread = threading.Thread(target=self._loop, name="queue-writer", daemon=True)
         self._thread.start()
 
@@ -231,7 +233,7 @@ class GroupWriter:
         if self.damaged is not None:
             return
         try:
-            frames = wal_frames(self._shm)
+            frames = self._index.frames()
             if frames is not None and frames >= _CHECKPOINT_FRAMES:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 self.checkpoints += 1
@@ -254,19 +256,42 @@ class GroupWriter:
             self.checkpoints += 1
 
 
-def wal_frames(shm: Path) -> int | None:
-    """Pages in the WAL (its ``mxFrame``), or None when the index cannot be read. From the
-    wal-index header in the ``-shm`` file (SQLite's file format, "WAL-index format": byte
-    16, native byte order): far cheaper than asking SQLite through a checkpoint."""
-    try:
-        with shm.open("rb") as f:
-            head = f.read(20)
-    except OSError:
-        return None
-    if len(head) < 20:
-        return None
-    frames: int = struct.unpack_from("=I", head, 16)[0]
-    return frames
+class WalIndex:
+    """Pages in the WAL (its ``mxFrame``), read from the wal-index header in the ``-shm``
+    file (SQLite's file format, "WAL-index format": byte 16, native byte order): far
+    cheaper than asking SQLite through a checkpoint.
+
+    The file is read through one descriptor, opened once and closed only by ``close()``,
+    after every SQLite connection of this process to the queue is closed. Opening and
+    closing the ``-shm`` file per read, as this once did, drops every POSIX lock the process
+    holds on it (closing *any* descriptor of a file does), SQLite's own included: another
+    process opening the queue (``netwatch queue list``) then took the file for unused,
+    truncated it, and the proxy died of SIGBUS on its mapping of the file (seen in the
+    SIGKILL-storm test: exit by signal 7 while an operator listed the queue; SQLite's "How
+    To Corrupt An SQLite Database File", section 2.2)."""
+
+    def __init__(self, shm: Path) -> None:
+        self._shm = shm
+        self._fd: int | None = None
+
+    def frames(self) -> int | None:
+        """The WAL's page count, or None when the index cannot be read."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._shm, os.O_RDONLY | os.O_CLOEXEC)
+            head = os.pread(self._fd, 20, 0)
+        except OSError:
+            return None
+        if len(head) < 20:
+            return None
+        frames: int = struct.unpack_from("=I", head, 16)[0]
+        return frames
+
+    def close(self) -> None:
+        """Only once no SQLite connection of this process has the queue open."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
