@@ -62,8 +62,8 @@ test: deps venv lint typecheck unit unit-asyncio
 # asyncio loop: the modules that drive sockets and the loop directly (about a minute).
 # `make test-asyncio ASYNCIO_PYTEST_ARGS=` runs the whole suite on it.
 ASYNCIO_PYTEST_ARGS ?= -q tests/test_probes.py tests/test_path.py tests/test_relay.py \
-	tests/test_proxy.py tests/test_proxy_forward_once.py tests/test_slow_clients.py \
-	tests/test_monitor.py tests/test_mqtt.py tests/test_loop.py
+	tests/test_upstream_client.py tests/test_httpd.py tests/test_proxy_forward_once.py \
+	tests/test_slow_clients.py tests/test_monitor.py tests/test_mqtt.py tests/test_loop.py
 unit-asyncio: venv
 	NETWATCH_LOOP=asyncio $(BIN)/pytest $(ASYNCIO_PYTEST_ARGS)
 
