@@ -122,6 +122,12 @@ def parse_days(value: Any) -> tuple[str, ...]:
     return tuple(DAYS[d] for d in sorted(days))
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (as ``check_listen`` accepts it) as the host, brackets off, and port."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

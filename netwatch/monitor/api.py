@@ -7,11 +7,11 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from prometheus_client.exposition import gzip_accepted
+from prometheus_client import CollectorRegistry
 
 from netwatch.auth import require_token
-from netwatch.monitor.exposition import FastCollector, chunks, gzipped, snapshot
+from netwatch.config.units import split_listen
+from netwatch.monitor.exposition import FastCollector, scrape
 
 StatusProvider = Callable[[], dict[str, Any]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,14 +26,8 @@ def metrics_handler(registry: CollectorRegistry, fast: Sequence[FastCollector] =
     1,000 targets goes out as about 100 kB, and no write holds the loop for long."""
 
     async def metrics(request: web.Request) -> web.StreamResponse:
-        rest = snapshot(registry, fast)  # before the status line: a failure is still a 500
-        response = web.StreamResponse(
-            headers={"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
-        )
-        body = chunks(rest, fast)
-        if gzip_accepted(request.headers.get(hdrs.ACCEPT_ENCODING, "")):
-            response.headers[hdrs.CONTENT_ENCODING] = "gzip"
-            body = gzipped(body)
+        headers, body = scrape(registry, fast, request.headers.get(hdrs.ACCEPT_ENCODING, ""))
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         async with aclosing(body):
             try:
@@ -69,11 +63,6 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/v1/status", require_token(token, api_status))
     return app
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @asynccontextmanager

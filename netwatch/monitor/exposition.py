@@ -25,8 +25,9 @@ import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.exposition import gzip_accepted
 from prometheus_client.registry import Collector
 
 # Lines rendered between two yields to the event loop (about a millisecond of work).
@@ -159,3 +160,19 @@ async def gzipped(source: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         if data:
             yield data
     yield compressor.flush()
+
+
+def scrape(
+    registry: CollectorRegistry, fast: Sequence[FastCollector], accept_encoding: str
+) -> tuple[dict[str, str], AsyncGenerator[bytes, None]]:
+    """What a ``/metrics`` answer is made of, for both servers that give one (the station
+    proxy's aiohttp app and the site endpoint): its headers, and its body streamed as it is
+    rendered, gzip-compressed when the scraper accepts it, as Prometheus does. The registry
+    is collected here, before the status line goes out: a failure is still a 500."""
+    rest = snapshot(registry, fast)
+    headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
+    body = chunks(rest, fast)
+    if gzip_accepted(accept_encoding):
+        headers["Content-Encoding"] = "gzip"
+        body = gzipped(body)
+    return headers, body

@@ -29,11 +29,11 @@ from typing import Any, cast
 
 import httptools
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from prometheus_client.exposition import gzip_accepted
+from prometheus_client import CollectorRegistry
 
 from netwatch import auth
-from netwatch.monitor.exposition import FastCollector, chunks, gzipped, snapshot
+from netwatch.config.units import split_listen
+from netwatch.monitor.exposition import FastCollector, scrape
 
 log = structlog.get_logger("netwatch.httpd")
 
@@ -131,12 +131,7 @@ class SiteEndpoint:
 
     def metrics(self, request: Request) -> Response:
         """The text exposition, streamed as it is rendered; gzip when the scraper accepts it."""
-        rest = snapshot(self.registry, self.fast)  # before the status line: a failure is a 500
-        headers = {"Content-Type": CONTENT_TYPE_LATEST, "Vary": "Accept-Encoding"}
-        body = chunks(rest, self.fast)
-        if gzip_accepted(request.headers.get("accept-encoding", "")):
-            headers["Content-Encoding"] = "gzip"
-            body = gzipped(body)
+        headers, body = scrape(self.registry, self.fast, request.headers.get("accept-encoding", ""))
         return Response(200, headers, body)
 
 
@@ -437,11 +432,6 @@ class _Connection(asyncio.Protocol):
     @property
     def task(self) -> asyncio.Task[None] | None:
         return self._task
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @asynccontextmanager

@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry
 
 from netwatch.clock import Clock, FileTime, SystemClock
 from netwatch.config.schema import Proxy
+from netwatch.config.units import split_listen
 from netwatch.errors import QueueError
 from netwatch.events import EventHub, ModeChanged, QueueStats
 from netwatch.proxy import mode as machine
@@ -101,11 +102,6 @@ class _WithoutPayloads(logging.Filter):
 
 AIOHTTP_LOG = logging.getLogger("netwatch.proxy.http")
 AIOHTTP_LOG.addFilter(_WithoutPayloads())
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class StationProxy:
