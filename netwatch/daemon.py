@@ -29,7 +29,7 @@ from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
 from netwatch.gcpolicy import frozen_heap
 from netwatch.monitor import fault
 from netwatch.monitor.city import CityCollector, SiteFault
-from netwatch.monitor.httpd import build_app, serve
+from netwatch.monitor.httpd import SiteEndpoint, serve
 from netwatch.monitor.metrics import MonitorMetrics, TimeCollector
 from netwatch.monitor.runner import Monitor
 from netwatch.monitor.schedule import PeakSchedule
@@ -140,7 +140,7 @@ class Daemon:
                 stack.push_async_callback(close_shared_sessions)
                 await self.extras.enter(stack)
                 if self.role == "site":
-                    app = build_app(
+                    app = SiteEndpoint(
                         self.registry,
                         self.status,
                         (self.metrics.targets, self.time_series),

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
+from helpers.aiohttp_site import aiohttp_site
 from helpers.daemon import free_tcp_port
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,7 +24,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from netwatch.monitor.api import build_app, serve
 from netwatch.monitor.exposition import (
     PART_SAMPLES,
     FastCollector,
@@ -77,8 +77,7 @@ async def metrics_server(
     registry: CollectorRegistry, fast: list[FastCollector], token: str | None = None
 ) -> AsyncIterator[str]:
     listen = f"127.0.0.1:{free_tcp_port()}"
-    app = build_app(registry, dict, fast, token=token)
-    async with serve(app, listen):
+    async with aiohttp_site(registry, dict, fast, listen, token=token):
         yield f"http://{listen}/metrics"
 
 

@@ -15,15 +15,15 @@ from typing import Any
 import aiohttp
 import httptools
 import pytest
+from helpers.aiohttp_site import aiohttp_site
 from helpers.daemon import free_tcp_port
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from structlog.testing import capture_logs
 
-from netwatch.monitor import api
 from netwatch.monitor.exposition import FastCollector, render
-from netwatch.monitor.httpd import Limits, build_app, serve
+from netwatch.monitor.httpd import Limits, SiteEndpoint, serve
 from netwatch.monitor.metrics import MonitorMetrics
 from probes import ProbeResult
 
@@ -55,7 +55,7 @@ async def site(
     registry, collectors = site_registry()
     collectors = fast if fast is not None else collectors
     port = free_tcp_port()
-    app = build_app(registry, status or (lambda: STATUS), collectors, token=token, limits=limits)
+    app = SiteEndpoint(registry, status or (lambda: STATUS), collectors, token=token, limits=limits)
     async with serve(app, f"127.0.0.1:{port}"):
         yield port, registry, collectors
 
@@ -196,7 +196,7 @@ async def aiohttp_answers(
     listen = f"127.0.0.1:{free_tcp_port()}"
     out = []
     async with (
-        api.serve(api.build_app(registry, lambda: STATUS, fast, token=token), listen),
+        aiohttp_site(registry, lambda: STATUS, fast, listen, token=token),
         aiohttp.ClientSession() as session,
     ):
         for method, path, headers in calls:

@@ -135,18 +135,6 @@ class SiteEndpoint:
         return Response(200, headers, body)
 
 
-def build_app(
-    registry: CollectorRegistry,
-    status: StatusProvider,
-    fast: Sequence[FastCollector] = (),
-    *,
-    token: str | None = None,
-    limits: Limits | None = None,
-) -> SiteEndpoint:
-    """The site endpoint (the same arguments as ``netwatch.monitor.api.build_app``)."""
-    return SiteEndpoint(registry, status, fast, token=token, limits=limits)
-
-
 def head(status: int, headers: dict[str, str]) -> bytes:
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
