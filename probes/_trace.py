@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from probes._util import ICMP_IDS, _wake
+from probes._util import ICMP_IDS, readable
 
 # Linux values; Python 3.11's socket module does not name them.
 _SOL_IP, _IP_RECVERR = 0, 11
@@ -73,7 +73,6 @@ class IcmpTransport:
         self._id = next(ICMP_IDS) % 0xFFFF + 1
         self._icmp = socket_class(None, True)
         self._icmp.blocking = False
-        self._loop = asyncio.get_running_loop()
 
     def send(self, sequence: int, ttl: int) -> float:
         import icmplib  # noqa: PLC0415 - imported by __init__ already: a dict look-up
@@ -93,7 +92,7 @@ class IcmpTransport:
         assert sock is not None
         try:
             async with asyncio.timeout(timeout):
-                packet, source = await _recvfrom(self._loop, sock, 2048)
+                packet, source = await _recvfrom(sock, 2048)
         except TimeoutError:
             return []
         parsed = parse_icmp(packet, self._version)
@@ -106,9 +105,7 @@ class IcmpTransport:
         self._icmp.close()
 
 
-async def _recvfrom(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
-) -> tuple[bytes, Any]:
+async def _recvfrom(sock: socket.socket, size: int) -> tuple[bytes, Any]:
     """``recvfrom`` on a non-blocking socket once it is readable. ``loop.sock_recvfrom``
     would do, but uvloop does not implement it; a reader callback works on both loops."""
     while True:
@@ -116,12 +113,7 @@ async def _recvfrom(
             return sock.recvfrom(size)
         except (BlockingIOError, InterruptedError):
             pass
-        readable = loop.create_future()
-        loop.add_reader(sock.fileno(), _wake, readable)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(sock.fileno())
+        await readable(sock)
 
 
 def parse_icmp(packet: bytes, version: int) -> tuple[int, int, Answer] | None:
@@ -171,7 +163,6 @@ class UdpTransport:
         except BaseException:
             self._sock.close()
             raise
-        self._loop = asyncio.get_running_loop()
 
     def send(self, sequence: int, ttl: int) -> float:
         if self._version == 6:
@@ -194,16 +185,10 @@ class UdpTransport:
         out = self._drain()
         if out:
             return out
-        # An error-queue entry wakes the loop as readable (EPOLLERR). The reader is added
-        # for each wait: libuv (uvloop) stops a poll handle after reporting an error.
-        readable = self._loop.create_future()
-        self._loop.add_reader(self._sock.fileno(), _wake, readable)
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await readable
-        finally:
-            self._loop.remove_reader(self._sock.fileno())
+        # An error-queue entry wakes the loop as readable (EPOLLERR).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await readable(self._sock)
         return self._drain()
 
     def _drain(self) -> list[Reply]:

@@ -108,6 +108,20 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+async def readable(sock: socket.socket) -> None:
+    """Until ``sock`` is readable (or has an error queued: EPOLLERR wakes a reader too). The
+    reader is added for this one wait: libuv (uvloop) stops a poll handle after it reports
+    an error, so a reader kept across waits would wake once and never again."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def connect(address: Address) -> socket.socket:
     """Open a TCP connection; the caller owns (and must close) the returned socket.
 
