@@ -62,8 +62,13 @@ class SteppedProxy:
         await eventually(lambda: self.mode_is("offline"), 20, "offline (guard down)")
 
     def step_to(self, offset: str) -> None:
-        """Set the wall clock's offset from real time, e.g. ``-3600`` or ``+7200``."""
-        self.offset_file.write_text(f"{offset}\n")
+        """Set the wall clock's offset from real time, e.g. ``-3600`` or ``+7200``.
+
+        Written aside and renamed into place: libfaketime reads the file on every clock
+        call (``FAKETIME_NO_CACHE``) and must never see it truncated and half written."""
+        staged = self.offset_file.with_suffix(".new")
+        staged.write_text(f"{offset}\n")
+        staged.replace(self.offset_file)
 
     async def mode_is(self, *modes: str) -> bool:
         status = await self.process.status()
@@ -77,14 +82,23 @@ class SteppedProxy:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.process.log_events() if e.get("event") == name]
 
-
-async def _post(session: aiohttp.ClientSession, url: str, seq: int) -> tuple[int, str]:
-    body = {"station": "s1", "seq": seq}
-    async with session.post(
-        f"{url}/api/applications", json=body, headers={"Netwatch-Order-Key": "s1"}
-    ) as resp:
-        await resp.read()
-        return resp.status, resp.headers.get("Netwatch-Ticket", "")
+    async def post(self, session: aiohttp.ClientSession, seq: int) -> tuple[int, str]:
+        """One station write; no answer in 10 s fails with the proxy's own log."""
+        body = {"station": "s1", "seq": seq}
+        try:
+            async with session.post(
+                f"{self.url}/api/applications",
+                json=body,
+                headers={"Netwatch-Order-Key": "s1"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                await resp.read()
+                return resp.status, resp.headers.get("Netwatch-Ticket", "")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise AssertionError(
+                f"write {seq} got no answer ({exc!r}); the proxy's log:\n"
+                + self.process.log_tail(80)
+            ) from exc
 
 
 async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_hold(
@@ -99,7 +113,7 @@ async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_h
             await proxy.start_online()
             # 1. A retry wait: queued in an outage, then refused once (503) on replay.
             await proxy.cut(sim)
-            status, first = await _post(session, proxy.url, 1)
+            status, first = await proxy.post(session, 1)
             assert status == 202
             sim.control(reject_next=1, reject_status=503)
             sim.set_outage(False)
@@ -119,7 +133,7 @@ async def test_wall_clock_stepped_back_an_hour_neither_freezes_a_retry_nor_the_h
             # 2. The passive-failure hold: a forward answered 503 sends the proxy offline
             # for 5 s while the guard still says ok; the clock steps back another hour.
             sim.control(reject_next=1, reject_status=503)
-            status, second = await _post(session, proxy.url, 2)
+            status, second = await proxy.post(session, 2)
             assert status == 202
             assert await proxy.mode_is("offline")
             proxy.step_to("-7200")
@@ -140,7 +154,7 @@ async def test_wall_clock_stepped_forward_two_hours_expires_nothing(tmp_path: Pa
             await proxy.cut(sim)
             tickets = []
             for seq in range(1, 6):
-                status, ticket = await _post(session, proxy.url, seq)
+                status, ticket = await proxy.post(session, seq)
                 assert status == 202
                 tickets.append(ticket)
 
