@@ -540,7 +540,7 @@ async def test_upstream_dying_mid_body_cuts_the_station_quietly(
 def test_added_idempotency_keys_are_distinct_version_4_uuids() -> None:
     import uuid
 
-    from netwatch.proxy.server import new_idempotency_key
+    from netwatch.proxy.dispatch import new_idempotency_key
 
     keys = {new_idempotency_key() for _ in range(10_000)}
     assert len(keys) == 10_000

@@ -21,10 +21,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import structlog
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from netwatch.config.schema import Lookup, Proxy, Replayable
@@ -43,13 +42,14 @@ __all__ = [
     "BodyTooLarge",
     "CountedBody",
     "Forwarder",
+    "Incoming",
     "Reply",
     "Response",
     "ResponseCut",
     "UpstreamFailure",
     "is_replayable",
     "outgoing_headers",
-    "read_limited",
+    "response_headers",
 ]
 
 log = structlog.get_logger("netwatch.proxy.forward")
@@ -74,7 +74,7 @@ UPSTREAM_DOWN_STATUSES = frozenset({502, 503, 504})
 CHUNK = 64 * 1024
 # Responses up to this size (with a Content-Length) are relayed in one write.
 SMALL_RESPONSE = 64 * 1024
-_BODYLESS = frozenset({204, 304})
+BODYLESS = frozenset({204, 304})
 _HOST = frozenset({"host"})  # the upstream's own Host goes out instead
 
 
@@ -126,6 +126,28 @@ def is_replayable(rules: tuple[Replayable, ...], method: str, path: str) -> bool
     return rule_for(rules, method, path) is not None
 
 
+class Incoming(Protocol):
+    """What the outgoing headers are built from (an aiohttp request, or the fast front's)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+
+class BodySource(Protocol):
+    """A station's body as it arrives (aiohttp's ``StreamReader``)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
 def _listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Hop-by-hop headers: the fixed set, plus any the Connection header names."""
     connection = headers.getall("Connection", ())
@@ -136,7 +158,7 @@ def _listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]
     }
 
 
-def outgoing_headers(request: web.BaseRequest) -> CIMultiDict[str]:
+def outgoing_headers(request: Incoming) -> CIMultiDict[str]:
     """The station's headers minus hop-by-hop ones (and Host), plus the X-Forwarded-* pair."""
     incoming = request.headers
     drop = _listed(incoming) | _HOST
@@ -156,43 +178,19 @@ def response_headers(upstream: CIMultiDict[str]) -> CIMultiDict[str]:
     return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in drop])
 
 
-async def read_limited(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, or ``BodyTooLarge`` as soon as it passes ``limit`` (chunked too)."""
-    content = request.content
-    if content.is_eof():
-        # The usual case: the body came with its head and is all in; taken as it is.
-        body = content.read_nowait(-1)
-        if len(body) > limit:
-            raise BodyTooLarge
-        return body
-    length = request.content_length
-    if length is not None and length <= limit:
-        # The common case: one read of a known length, no chunk iteration.
-        try:
-            return await request.content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("the station closed before sending its body") from exc
-    buffer = bytearray()
-    async for chunk in request.content.iter_chunked(CHUNK):
-        buffer += chunk
-        if len(buffer) > limit:
-            raise BodyTooLarge
-    return bytes(buffer)
-
-
 class CountedBody:
     """Streams the station's body upstream, stopping once it passes ``limit``."""
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
-        self._request = request
+    def __init__(self, content: BodySource, length: int | None, limit: int) -> None:
+        self._content = content
         self._limit = limit
         self.exceeded = False
         # As the station announced it (None: chunked): the upstream gets the same framing.
-        self.length = request.content_length
+        self.length = length
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        content = self._request.content
+        content = self._content
         while True:
             try:
                 chunk = await content.read(CHUNK)
@@ -335,40 +333,6 @@ class Forwarder:
                 if abandonable:
                     self._waiting.discard(deadline)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def counted(self, request: web.BaseRequest) -> CountedBody:
-        return CountedBody(request, self.settings.max_body)
-
-    async def relay(self, request: web.BaseRequest, upstream: Response) -> web.StreamResponse:
-        """Stream the upstream response back to the station as it arrives; a small one of
-        known length is read whole and answered in one write (headers and body together)."""
-        length = upstream.content_length
-        bodyless = request.method == "HEAD" or upstream.status in _BODYLESS
-        if length is not None and length <= SMALL_RESPONSE and not bodyless:
-            try:
-                body = await upstream.read()
-            finally:
-                upstream.release()
-            return web.Response(
-                status=upstream.status,
-                reason=upstream.reason or None,
-                headers=response_headers(upstream.headers),
-                body=body,
-            )
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason or None,
-            headers=response_headers(upstream.headers),
-        )
-        await response.prepare(request)
-        try:
-            # Once the headers are out, a ResponseCut can only cut the station's connection.
-            while chunk := await upstream.read_chunk():
-                await response.write(chunk)
-        finally:
-            upstream.release()
-        await response.write_eof()
-        return response
 
     async def replay(self, entry: Entry, *, keep_body: int = 64 * 1024) -> Reply:
         """Re-send one queued request with its original Idempotency-Key (a stale pooled

@@ -59,6 +59,7 @@ from netwatch.proxy.backlog import BacklogWatch
 from netwatch.proxy.connections import ConnectionLimits, connection_cap
 from netwatch.proxy.crypto import default_key_path
 from netwatch.proxy.dedupe import strategy_for
+from netwatch.proxy.dispatch import Dispatcher, iso
 from netwatch.proxy.forward import Forwarder
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
@@ -76,7 +77,7 @@ from netwatch.proxy.mode import (
 from netwatch.proxy.queue import DurableQueue, Entry, NewEntry
 from netwatch.proxy.queue import QueueStats as QueueSnapshot
 from netwatch.proxy.replay import Outcome, Replayer
-from netwatch.proxy.server import ProxyServer, iso
+from netwatch.proxy.server import ProxyServer
 
 log = structlog.get_logger("netwatch.proxy")
 
@@ -198,11 +199,11 @@ class StationProxy:
                 lookup=self._forwarder.lookup,
                 settle=settings.request_timeout,
             )
+            dispatcher = Dispatcher(self.settings, self, self._forwarder, self.metrics)
             server = ProxyServer(
                 self.settings,
                 self,
-                self._forwarder,
-                self.metrics,
+                dispatcher,
                 self._registry,
                 middlewares=[self._limits.middleware],
             )
