@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-import httptools
 import pytest
 from helpers.aiohttp_site import aiohttp_site
 from helpers.daemon import free_tcp_port
+from helpers.rawhttp import exchange, read_to_end, replies, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
@@ -30,8 +30,6 @@ from probes import ProbeResult
 TOKEN = "s3cret-token-for-tests"
 STATUS = {"site": {"id": "httpd-site"}, "targets": {"gw": {"state": "up"}}}
 FAST = Limits(head_timeout=0.5, idle_timeout=0.5, write_timeout=0.5, connections=3)
-
-Reply = tuple[int, dict[str, str], bytes]
 
 
 def site_registry(targets: int = 50) -> tuple[CollectorRegistry, list[FastCollector]]:
@@ -58,62 +56,6 @@ async def site(
     app = SiteEndpoint(registry, status or (lambda: STATUS), collectors, token=token, limits=limits)
     async with serve(app, f"127.0.0.1:{port}"):
         yield port, registry, collectors
-
-
-async def exchange(port: int, raw: bytes, *, half_close: bool = True) -> bytes:
-    """Send ``raw`` and read until the server closes (at most 10 s)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(raw)
-        if half_close:
-            writer.write_eof()
-        return await read_to_end(reader)
-    finally:
-        writer.close()
-
-
-async def read_to_end(reader: asyncio.StreamReader) -> bytes:
-    """What comes until the server closes (at most 10 s), kept when it ends with a reset."""
-    data = b""
-    async with asyncio.timeout(10):
-        try:
-            while chunk := await reader.read(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-    return data
-
-
-class _Replies:
-    def __init__(self) -> None:
-        self.replies: list[Reply] = []
-        self._headers: dict[str, str] = {}
-        self._body = b""
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode().lower()] = value.decode()
-
-    def on_body(self, body: bytes) -> None:
-        self._body += body
-
-    def on_message_complete(self) -> None:
-        self.replies.append((self.parser.get_status_code(), self._headers, self._body))
-        self._headers, self._body = {}, b""
-
-    def feed(self, data: bytes) -> list[Reply]:
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(data)
-        return self.replies
-
-
-def replies(data: bytes) -> list[Reply]:
-    """The responses in ``data``, bodies de-chunked (none of them to a HEAD)."""
-    return _Replies().feed(data)
-
-
-def request(path: str, method: str = "GET", *extra: str, version: str = "1.1") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1", *extra, "", ""]
-    return "\r\n".join(lines).encode()
 
 
 def bearer(token: str) -> str:

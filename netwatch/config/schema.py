@@ -415,6 +415,9 @@ class Proxy(Frozen):
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     # Bearer token for /_netwatch/status and /_netwatch/metrics; none: open.
     admin_token: OptionalText = None
+    # Plain requests are served by the proxy's own HTTP/1.1 front (httptools); anything
+    # else, and everything when this is off, by aiohttp's server. Off only to compare.
+    fast_path: bool = True
 
     @model_validator(mode="after")
     def _default_lookup_fits(self) -> Proxy:

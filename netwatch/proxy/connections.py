@@ -12,8 +12,9 @@ in while a thousand slow sockets are open; if every connection is busy, the new 
 closed instead. The cap is kept below the open-file limit, so ``accept()`` never fails with
 "Too many open files".
 
-The aiohttp server's protocol objects are wrapped (``protocol_factory``) to see
-connections open and close; ``middleware`` marks the busy spans.
+Each connection's protocol (the fast front, which may hand over to aiohttp's) is wrapped
+(``protocol_factory``) to see connections open and close; the front calls ``busy`` and
+``idle`` around the requests it serves, ``middleware`` around aiohttp's.
 """
 
 from __future__ import annotations
@@ -100,17 +101,29 @@ class ConnectionLimits:
     def closed(self, transport: asyncio.Transport) -> None:
         self._conns.pop(transport, None)
 
+    def busy(self, transport: asyncio.Transport) -> None:
+        """A request is being served on ``transport``: no deadline while it lasts."""
+        conn = self._conns.get(transport)
+        if conn is not None:
+            conn.busy += 1
+
+    def idle(self, transport: asyncio.Transport) -> None:
+        """Its request answered: the next one must come within ``idle_timeout``."""
+        conn = self._conns.get(transport)
+        if conn is not None:
+            conn.busy -= 1
+            conn.deadline = self._clock() + self.idle_timeout
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        conn = self._conns.get(request.transport) if request.transport else None
-        if conn is None:
+        transport = request.transport
+        if transport is None or transport not in self._conns:
             return await handler(request)
-        conn.busy += 1
+        self.busy(transport)
         try:
             return await handler(request)
         finally:
-            conn.busy -= 1
-            conn.deadline = self._clock() + self.idle_timeout
+            self.idle(transport)
 
     def sweep(self) -> int:
         """Close the waiting connections past their deadline; how many were closed."""

@@ -61,6 +61,7 @@ from netwatch.proxy.crypto import default_key_path
 from netwatch.proxy.dedupe import strategy_for
 from netwatch.proxy.dispatch import Dispatcher, iso
 from netwatch.proxy.forward import Forwarder
+from netwatch.proxy.front import Fronts
 from netwatch.proxy.metrics import ProxyMetrics
 from netwatch.proxy.mode import (
     MODES,
@@ -86,6 +87,7 @@ EXPIRE_EVERY = 30.0
 STEP_TOLERANCE = 1.0  # wall-clock moves smaller than this are slewing, not steps
 PUBLISH_EVERY = 15.0  # queue stats go to the hub on change, and at least this often
 HEALTH_TIMEOUT = 2.0
+SHUTDOWN_GRACE = 2.0  # requests in progress at shutdown get this long to finish
 
 
 class _WithoutPayloads(logging.Filter):
@@ -148,6 +150,7 @@ class StationProxy:
         self._forwarder: Forwarder | None = None
         self._replayer: Replayer | None = None
         self._runner: web.AppRunner | None = None
+        self._fronts: Fronts | None = None
         self._port: int | None = None
         self._limits = ConnectionLimits(
             header_timeout=settings.header_timeout,
@@ -211,7 +214,7 @@ class StationProxy:
                 server.app(),
                 access_log=None,  # paths carry citizens' identifiers
                 handle_signals=False,
-                shutdown_timeout=2.0,
+                shutdown_timeout=SHUTDOWN_GRACE,
                 logger=AIOHTTP_LOG,
                 # aiohttp's own idle close stays behind ours (ConnectionLimits decides).
                 keepalive_timeout=max(self.settings.idle_timeout, self.settings.header_timeout)
@@ -224,8 +227,14 @@ class StationProxy:
             host, port = split_listen(self.settings.listen)
             if runner.server is None:
                 raise RuntimeError("the aiohttp runner has no server after setup")
+            aiohttp_protocol = runner.server
+            protocol: Callable[[], asyncio.BaseProtocol] = aiohttp_protocol
+            if self.settings.fast_path:
+                protocol = fronts = Fronts(dispatcher, self._limits, aiohttp_protocol)
+                stack.push_async_callback(fronts.close, SHUTDOWN_GRACE)  # before aiohttp's
+                self._fronts = fronts
             listener = await asyncio.get_running_loop().create_server(
-                self._limits.protocol_factory(runner.server), host, port, reuse_address=True
+                self._limits.protocol_factory(protocol), host, port, reuse_address=True
             )
             stack.callback(listener.close)  # before runner.cleanup: no new connections
             self._port = cast(tuple[str, int], listener.sockets[0].getsockname())[1]
@@ -567,6 +576,9 @@ class StationProxy:
                 "evicted": self._limits.evicted,
                 "timed_out": self._limits.timed_out,
                 "refused": self._limits.refused,
+                # Served by the fast front unless handed over to aiohttp's server (see
+                # proxy/front.py); None when the fast front is off.
+                "handed_over": None if self._fronts is None else self._fronts.handed_over,
             },
             "checked_at": iso(self._clock.now().timestamp()),
             "site": self._site,

@@ -1,0 +1,235 @@
+"""The fast front's wire format: which request heads it takes, and its response bytes.
+
+The fast front (``front.py``) takes only *plain* requests; everything else goes, bytes
+untouched, to the aiohttp app, whose parser and answers stay the single judge of odd input.
+A plain request head:
+
+- is printable ASCII with CRLF line ends: no bare LF or CR, no other control byte (a tab
+  included), no obsolete line folding, no space before a line end;
+- parses under httptools (llhttp, strict: the request line, header names and values,
+  duplicate or malformed Content-Length, Content-Length with Transfer-Encoding);
+- is HTTP/1.1 or 1.0, a method in ``FAST_METHODS``, an origin-form target whose path has
+  no percent-escape, no dot segment and no empty segment (the decoded path is the raw one,
+  as the replayable rules see it), no fragment, outside ``/_netwatch``;
+- carries no Transfer-Encoding, Expect or Upgrade, and at most one Content-Length, of at
+  most ``max_fast_body`` bytes.
+
+A head that is not plain is *handed over*; so is one still incomplete past ``MAX_HEAD``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+__all__ = ["FAST_METHODS", "MAX_HEAD", "Head", "json_answer", "parse_head", "response_head"]
+
+FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# aiohttp's own limit for a request line or one header line is 8190 bytes; a plain head
+# (every line within that) never needs more than this to be judged.
+MAX_HEAD = 8190
+HEAD_END = b"\r\n\r\n"
+# A plain head's bytes: printable ASCII, CR and LF (every other byte is deleted by nothing).
+_PLAIN_BYTES = bytes(range(0x20, 0x7F)) + b"\r\n"
+# The first line of a plain request, once it is complete.
+_REQUEST_LINE = re.compile(rb"[A-Z]{3,7} /[!-~]* HTTP/1\.[01]\r\n")
+# In a plain target's path: a percent-escape, a dot segment, an empty segment, a fragment.
+_NOT_PLAIN_PATH = re.compile(r"%|/\.|//|#")
+_HANDED_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
+
+
+def not_plain(data: bytes | bytearray) -> bool:
+    """True when the bytes of a head (complete or not) cannot be a plain request. Checked
+    on incomplete heads too, so that garbage is handed over (and refused by aiohttp) at
+    once, not after the header timeout. Built of C-speed bytes operations: this runs on
+    every request."""
+    if data.translate(None, _PLAIN_BYTES):
+        return True  # a control byte, or not ASCII
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        return True  # a bare CR or LF
+    if b"\n " in data or b" \r" in data:  # (a tab is not plain at all)
+        return True  # obsolete line folding; whitespace before a line end
+    line_end = data.find(b"\n")
+    return line_end >= 0 and _REQUEST_LINE.fullmatch(data, 0, line_end + 1) is None
+
+
+class Head:
+    """One plain request head."""
+
+    __slots__ = (
+        "_names",
+        "_url",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "minor",
+        "path",
+        "raw_query",
+    )
+
+    def __init__(self) -> None:
+        self._url = b""
+        self._names: list[tuple[bytes, bytes]] = []
+        self.method = ""
+        self.path = ""
+        self.raw_query = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length = 0
+        self.keep_alive = True
+        self.minor = 1
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._names.append((name, value))
+
+
+def parse_head(head: bytes, max_body: int) -> Head | None:
+    """The head (``head`` ends with its blank line), or None when it is not plain."""
+    if not_plain(head):
+        return None
+    parsed = Head()
+    parser = httptools.HttpRequestParser(parsed)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    method = parser.get_method().decode("ascii")
+    if method not in FAST_METHODS or parser.get_http_version() not in {"1.1", "1.0"}:
+        return None
+    target = parsed._url.decode("ascii")
+    path, _, query = target.partition("?")
+    if not path.startswith("/") or _NOT_PLAIN_PATH.search(target) or path.startswith("/_netwatch"):
+        return None
+    if not _take_headers(parsed, max_body):
+        return None
+    parsed.method = method
+    parsed.path = path
+    parsed.raw_query = query
+    parsed.minor = minor = 1 if parser.get_http_version() == "1.1" else 0
+    # From the header itself: llhttp forgets it once a bodiless message is complete.
+    tokens = {
+        token.strip().lower()
+        for value in parsed.headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    parsed.keep_alive = "close" not in tokens and (minor == 1 or "keep-alive" in tokens)
+    return parsed
+
+
+def _take_headers(parsed: Head, max_body: int) -> bool:
+    """Move the raw header pairs into ``parsed.headers``; False when they are not plain."""
+    length: int | None = None
+    pairs = []
+    for raw_name, raw_value in parsed._names:
+        name = raw_name.decode("ascii")
+        value = raw_value.decode("ascii")
+        lower = name.lower()
+        if lower in _HANDED_OVER:
+            return False
+        if lower == "content-length":
+            if length is not None or not value.isdigit():
+                return False
+            length = int(value)
+            if length > max_body:
+                return False
+        pairs.append((name, value))
+    parsed._names = []
+    parsed.headers = CIMultiDict(pairs)
+    parsed.content_length = length or 0
+    return True
+
+
+_date = ["", 0]  # (text, second) of the Date header, formatted once a second
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _date[1] != now:
+        _date[0] = formatdate(now, usegmt=True)
+        _date[1] = now
+    return str(_date[0])
+
+
+def _status_line(minor: int, status: int, reason: str) -> str:
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+    return f"HTTP/1.{minor} {status} {reason}\r\n"
+
+
+def _connection(minor: int, keep_alive: bool) -> str:
+    if not keep_alive:
+        return "Connection: close\r\n" if minor else ""
+    return "" if minor else "Connection: keep-alive\r\n"
+
+
+def response_head(
+    minor: int,
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    keep_alive: bool,
+    framing: str,
+) -> bytes:
+    """A relayed response's head: the upstream's headers (hop-by-hop ones already out),
+    with ``framing`` (a Content-Length or Transfer-Encoding line, or "") in place of any
+    the upstream sent, and Date and Server added only when missing, as aiohttp does."""
+    lines = [_status_line(minor, status, reason)]
+    seen_date = seen_server = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-length":
+            continue
+        if lower == "date":
+            seen_date = True
+        elif lower == "server":
+            seen_server = True
+        lines.append(f"{name}: {value}\r\n")
+    lines.append(framing)
+    if not seen_date:
+        lines.append(f"Date: {_http_date()}\r\n")
+    if not seen_server:
+        lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    lines.append(_connection(minor, keep_alive))
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def json_answer(
+    minor: int,
+    status: int,
+    payload: Mapping[str, object],
+    headers: Mapping[str, str] | None,
+    *,
+    keep_alive: bool,
+) -> bytes:
+    """The proxy's own JSON answer, header for header as aiohttp's ``json_response``."""
+    body = json.dumps(payload).encode()
+    lines = [_status_line(minor, status, "")]
+    if headers:
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append(
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Date: {_http_date()}\r\n"
+        f"Server: {SERVER_SOFTWARE}\r\n"
+    )
+    lines.append(_connection(minor, keep_alive))
+    lines.append("\r\n")
+    return "".join(lines).encode() + body
