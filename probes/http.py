@@ -215,6 +215,10 @@ class HttpProbe:
         self.verify_tls = verify_tls
         self.headers = dict(headers or {})
         self._pattern = re.compile(body_regex) if body_regex is not None else None
+        try:  # parsed once (an IP literal's address with it); a bad URL fails each run
+            self._parsed: _Url | None = _parse(url)
+        except InvalidURL:
+            self._parsed = None
         # Built once: loading a CA file costs milliseconds.
         self._ca_context = (
             ssl.create_default_context(cafile=ca_file)
@@ -268,7 +272,7 @@ class HttpProbe:
 
     async def _follow(self) -> _Hop:
         """Request the URL, following redirects; the last hop, its body read."""
-        url = _parse(self.url)
+        url = self._parsed or _parse(self.url)
         method: str = self.method
         headers = self.headers
         redirects = 0
