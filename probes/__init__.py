@@ -144,8 +144,8 @@ def create(probe_type: str, **params: Any) -> Probe:
 
 
 async def close_shared_sessions() -> None:
-    """Close what probes share across runs on the running loop (the HTTP probes' client
-    session); a no-op when no HTTP probe module was loaded, so shutdown imports nothing."""
+    """Close what probes share across runs on the running loop (today nothing: the HTTP
+    probe keeps no session); imports nothing when no HTTP probe module was loaded."""
     http = sys.modules.get("probes.http")
     if http is not None:
         await http.close_shared_sessions()

@@ -1,18 +1,26 @@
 """HTTP(S) probe: status, body match and blackbox-style phase timings.
 
-Every probe opens a fresh connection (so connect and TLS are measured each time), but
-through one ``aiohttp.ClientSession`` per event loop: building a session and connector
-per probe costs more CPU than the probe itself at benchmark rates. Call
-``close_shared_sessions()`` before the loop ends.
+Plain asyncio and httptools (``probes._http1``), no HTTP client library: aiohttp cost the
+daemon about 12 MB of imports for what a probe needs. Every probe resolves the name
+afresh and opens a fresh TCP (and TLS) connection, sends ``Connection: close`` and drops
+the connection once the response is read. Redirects (301, 302, 303, 307, 308) are followed
+as aiohttp did: up to 9, the 10th is "too many redirects"; 303 (except for HEAD) and
+301/302 after a POST continue as GET; Authorization, Cookie and Proxy-Authorization are
+dropped when the origin changes.
+
+Request headers: ``Host`` (with the port when not the scheme's default), ``User-Agent:
+netwatch-probe/0.1``, ``Accept: */*``, ``Accept-Encoding: identity`` (the body is never
+decompressed, so a body regex sees what the server sent; ask for a compressed body with
+a header and it is matched compressed), ``Connection: close``; the configured headers
+replace or add to these. The body is counted; it is kept only when a body regex is set,
+and then only its first MiB (``_http1.MAX_KEPT``) is matched, decoded with the response's
+charset (utf-8 when none or unknown, undecodable bytes replaced).
 
 Phases (seconds, last hop when redirects are followed):
 
-- ``resolve``: DNS (aiohttp's resolvehost trace events); 0 for an IP literal.
-- ``connect``: TCP handshake. aiohttp reports only "connection created", which spans
-  TCP and TLS together, so the socket it connects is our own subclass that notes the
-  moment the kernel reports the connect complete (the ``SO_ERROR`` check asyncio makes
-  after a non-blocking connect). This is exact to within one event-loop turn.
-- ``tls``: connection created minus connect end; 0 for plain http.
+- ``resolve``: the system resolver (``getaddrinfo``); 0 for an IP literal.
+- ``connect``: TCP handshake (a non-blocking connect, timed to its completion).
+- ``tls``: TLS handshake; 0 for plain http.
 - ``processing``: request fully sent until the response headers are parsed.
 - ``transfer``: response headers until the body is read.
 """
@@ -20,17 +28,14 @@ Phases (seconds, last hop when redirects are followed):
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import functools
 import re
-import socket
 import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import aiohttp
-from aiohappyeyeballs import AddrInfoType
+from urllib.parse import quote, urljoin, urlsplit
 
 from probes import (
     ERROR_BODY,
@@ -39,142 +44,120 @@ from probes import (
     ERROR_STATUS,
     ProbeResult,
 )
-from probes._util import classify, failure, success
+from probes._http1 import BadResponse, BodyCut, Exchange, NoResponse
+from probes._util import Address, classify, connect, failure, literal_address, resolve, success
 
 USER_AGENT = "netwatch-probe/0.1"
+MAX_REDIRECTS = 10  # as aiohttp counted: the 10th redirect is an error
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Characters left as they are in a request target; others (spaces, non-ASCII) are escaped.
+_TARGET_SAFE = "!#$%&'()*+,/:;=?@[]~"
+_CROSS_ORIGIN_DROPPED = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 Method = Literal["GET", "HEAD", "POST"]
 
 
-@dataclass(slots=True)
-class _Timings:
-    """Timestamps (perf_counter) of one request, filled by trace hooks and the socket."""
-
-    start: float = 0.0
-    dns_start: float = 0.0
-    dns_end: float = 0.0
-    create_start: float = 0.0
-    create_end: float = 0.0
-    connect_end: float = 0.0
-    sent: float = 0.0
-    headers: float = 0.0
-    body: float = 0.0
-
-    def phases(self, tls: bool) -> dict[str, float]:
-        resolve = self.dns_end - self.dns_start if self.dns_end else 0.0
-        connect_start = self.dns_end or self.create_start
-        connect_end = self.connect_end or self.create_end
-        return {
-            "resolve": resolve,
-            "connect": max(connect_end - connect_start, 0.0),
-            "tls": max(self.create_end - connect_end, 0.0) if tls else 0.0,
-            "processing": max(self.headers - (self.sent or self.create_end), 0.0),
-            "transfer": max(self.body - self.headers, 0.0),
-        }
+class InvalidURL(ValueError):
+    """A URL (or a redirect's Location) the probe cannot request."""
 
 
-# The socket factory runs inside aiohttp's connect, in the probing task, so a context
-# variable hands it the timings of the request that is connecting.
-_CURRENT: contextvars.ContextVar[_Timings | None] = contextvars.ContextVar(
-    "netwatch_http_timings", default=None
-)
+class TooManyRedirects(Exception):
+    """Redirected ``MAX_REDIRECTS`` times."""
 
 
-class _TimedSocket(socket.socket):
-    """A socket that records when its non-blocking connect completed."""
+@dataclass(frozen=True, slots=True)
+class _Url:
+    """One parsed http(s) URL: where to connect and what to ask for."""
 
-    __slots__ = ("_timings",)
+    text: str
+    tls: bool
+    host: str  # bare (no brackets): what is resolved, and the TLS server name
+    port: int
+    host_header: str
+    target: str  # the request target: path and query
+    address: Address | None  # an IP literal's socket address, parsed once
 
-    def __init__(self, family: int, type: int, proto: int, timings: _Timings) -> None:
-        super().__init__(family, type, proto)
-        self._timings = timings
-
-    def connect(self, address: Any) -> None:
-        super().connect(address)
-        # Reached only when the connect completed at once (no EINPROGRESS).
-        self._timings.connect_end = time.perf_counter()
-
-    # typeshed overloads getsockopt by arity; one pass-through covers both.
-    def getsockopt(self, *args: Any) -> Any:
-        value = super().getsockopt(*args)
-        if args[:2] == (socket.SOL_SOCKET, socket.SO_ERROR) and value == 0:
-            self._timings.connect_end = time.perf_counter()
-        return value
+    @property
+    def origin(self) -> tuple[bool, str, int]:
+        return self.tls, self.host.lower(), self.port
 
 
-def _socket_factory(addr_info: AddrInfoType) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    timings = _CURRENT.get()
-    if timings is None:
-        return socket.socket(family, type_, proto)
-    return _TimedSocket(family, type_, proto, timings)
+def _parse(url: str) -> _Url:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+        if parts.scheme not in _DEFAULT_PORTS or not host:
+            raise InvalidURL(url)
+        default = _DEFAULT_PORTS[parts.scheme]
+        name = f"[{host}]" if ":" in host else host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise InvalidURL(url) from None
+    port = port or default
+    target = quote(parts.path or "/", safe=_TARGET_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_TARGET_SAFE)
+    return _Url(
+        text=url,
+        tls=parts.scheme == "https",
+        host=host,
+        port=port,
+        host_header=name if port == default else f"{name}:{port}",
+        target=target,
+        address=literal_address(host, port),
+    )
 
 
-def _hook(field: str) -> Any:
-    async def record(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
-        timings = ctx.trace_request_ctx
-        if isinstance(timings, _Timings):
-            setattr(timings, field, time.perf_counter())
-
-    return record
-
-
-def _trace_config() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_dns_resolvehost_start.append(_hook("dns_start"))
-    trace.on_dns_resolvehost_end.append(_hook("dns_end"))
-    trace.on_connection_create_start.append(_hook("create_start"))
-    trace.on_connection_create_end.append(_hook("create_end"))
-    trace.on_request_headers_sent.append(_hook("sent"))
-    trace.on_request_chunk_sent.append(_hook("sent"))
-    trace.on_request_end.append(_hook("headers"))
-    return trace
-
-
-_SESSIONS: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+def _request_head(method: str, url: _Url, headers: Mapping[str, str]) -> bytes:
+    fields = {
+        "host": ("Host", url.host_header),
+        "user-agent": ("User-Agent", USER_AGENT),
+        "accept": ("Accept", "*/*"),
+        "accept-encoding": ("Accept-Encoding", "identity"),
+        "connection": ("Connection", "close"),
+    }
+    if method == "POST":
+        fields["content-length"] = ("Content-Length", "0")
+    for name, value in headers.items():
+        fields[name.lower()] = (name, value)
+    lines = [f"{method} {url.target} HTTP/1.1", *(f"{n}: {v}" for n, v in fields.values())]
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+        # A line break inside a name or value would smuggle another header in.
+        raise ValueError("line break in a request header")
+    return head.encode("utf-8")
 
 
-def _shared_session() -> aiohttp.ClientSession:
-    loop = asyncio.get_running_loop()
-    session = _SESSIONS.get(loop)
-    if session is None or session.closed:
-        for stale in [lp for lp in _SESSIONS if lp.is_closed()]:
-            del _SESSIONS[stale]
-        connector = aiohttp.TCPConnector(
-            force_close=True,  # a fresh TCP (and TLS) connection per probe
-            use_dns_cache=False,  # and a fresh name resolution
-            limit=0,  # probes are already bounded by the scheduler's concurrency
-            socket_factory=_socket_factory,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            trace_configs=[_trace_config()],
-            timeout=aiohttp.ClientTimeout(total=None),  # run() owns the deadline
-            cookie_jar=aiohttp.DummyCookieJar(),  # probes of unrelated targets share nothing
-            headers={"User-Agent": USER_AGENT},
-        )
-        _SESSIONS[loop] = session
-    return session
+@functools.cache
+def _default_context() -> ssl.SSLContext:
+    """The system's trust store, loaded once per process (and only by an https probe)."""
+    return ssl.create_default_context()
+
+
+@functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 async def close_shared_sessions() -> None:
-    """Close the shared session of the running loop (call on shutdown and in tests)."""
-    session = _SESSIONS.pop(asyncio.get_running_loop(), None)
-    if session is not None:
-        await session.close()
+    """Nothing to close: a probe shares no connection or session with another. Kept so
+    that shutdown code written for the session-based probe still runs."""
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        # Wraps the OSError / gaierror / ssl error of the connect, which say what broke.
-        return classify(exc.os_error)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, NoResponse):
         return ERROR_RESET, "server closed the connection without a response"
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, BodyCut):
         return ERROR_RESET, f"response body cut short: {exc}"
-    if isinstance(exc, aiohttp.TooManyRedirects):
+    if isinstance(exc, BadResponse):
+        return ERROR_OTHER, str(exc)
+    if isinstance(exc, TooManyRedirects):
         return ERROR_OTHER, "too many redirects"
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, InvalidURL):
         return ERROR_OTHER, f"invalid URL: {exc}"
     return classify(exc)
 
@@ -184,6 +167,27 @@ def _decode(body: bytes, charset: str | None) -> str:
         return body.decode(charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
         return body.decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True)
+class _Hop:
+    """One request of a probe (the last one's timings are the probe's phases)."""
+
+    exchange: Exchange
+    resolve: float = 0.0
+    connect: float = 0.0
+    tls: float = 0.0
+    sent: float = 0.0
+
+    def phases(self) -> dict[str, float]:
+        exchange = self.exchange
+        return {
+            "resolve": self.resolve,
+            "connect": self.connect,
+            "tls": self.tls,
+            "processing": max(exchange.headers_at - self.sent, 0.0),
+            "transfer": max(exchange.body_at - exchange.headers_at, 0.0),
+        }
 
 
 class HttpProbe:
@@ -211,31 +215,34 @@ class HttpProbe:
         self.verify_tls = verify_tls
         self.headers = dict(headers or {})
         self._pattern = re.compile(body_regex) if body_regex is not None else None
-        self._tls = url.startswith("https://")
-        self._ssl: ssl.SSLContext | bool = True
-        if not verify_tls:
-            self._ssl = False
-        elif ca_file is not None:
-            self._ssl = ssl.create_default_context(cafile=ca_file)
+        try:  # parsed once (an IP literal's address with it); a bad URL fails each run
+            self._parsed: _Url | None = _parse(url)
+        except InvalidURL:
+            self._parsed = None
+        # Built once: loading a CA file costs milliseconds.
+        self._ca_context = (
+            ssl.create_default_context(cafile=ca_file)
+            if verify_tls and ca_file is not None
+            else None
+        )
 
     @property
     def target(self) -> str:
         return self.url
 
     async def run(self, timeout: float) -> ProbeResult:
-        timings = _Timings(start=time.perf_counter())
-        token = _CURRENT.set(timings)
+        start = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                status, size, text = await self._request(timings)
+                hop = await self._follow()
         except Exception as exc:  # every failure is a result, never an exception
             error, message = _classify(exc)
             return failure(self.type, self.url, error, message)
-        finally:
-            _CURRENT.reset(token)
-        latency = timings.body - timings.start
-        phases = timings.phases(self._tls)
-        details: dict[str, Any] = {"status": status, "bytes": size}
+        response = hop.exchange
+        latency = response.body_at - start
+        phases = hop.phases()
+        status = response.status
+        details: dict[str, Any] = {"status": status, "bytes": response.size}
         if status not in self.expect_status:
             expected = ", ".join(str(s) for s in sorted(self.expect_status))
             message = f"status {status}, expected {expected}"
@@ -248,38 +255,85 @@ class HttpProbe:
                 phases=phases,
                 details=details,
             )
-        if self._pattern is not None and not self._pattern.search(text):
-            message = f"body does not match {self.body_regex!r}"
-            return failure(
-                self.type,
-                self.url,
-                ERROR_BODY,
-                message,
-                latency=latency,
-                phases=phases,
-                details=details,
-            )
+        if self._pattern is not None:
+            text = _decode(response.kept(), response.charset)
+            if not self._pattern.search(text):
+                message = f"body does not match {self.body_regex!r}"
+                return failure(
+                    self.type,
+                    self.url,
+                    ERROR_BODY,
+                    message,
+                    latency=latency,
+                    phases=phases,
+                    details=details,
+                )
         return success(self.type, self.url, latency, phases=phases, details=details)
 
-    async def _request(self, timings: _Timings) -> tuple[int, int, str]:
-        session = _shared_session()
-        async with session.request(
-            self.method,
-            self.url,
-            headers=self.headers,
-            ssl=self._ssl,
-            trace_request_ctx=timings,
-        ) as response:
-            # Only keep the body when it will be matched; otherwise just count it.
-            keep = self._pattern is not None
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_chunked(65536):
-                size += len(chunk)
-                if keep:
-                    chunks.append(chunk)
-            timings.body = time.perf_counter()
-            text = ""
-            if keep:
-                text = _decode(b"".join(chunks), response.charset)
-            return response.status, size, text
+    async def _follow(self) -> _Hop:
+        """Request the URL, following redirects; the last hop, its body read."""
+        url = self._parsed or _parse(self.url)
+        method: str = self.method
+        headers = self.headers
+        redirects = 0
+        while True:
+            hop = await self._exchange(method, url, headers)
+            response = hop.exchange
+            try:
+                await response.head()
+                status, location = response.status, response.location
+                if status in REDIRECTS:
+                    redirects += 1
+                    if redirects >= MAX_REDIRECTS:
+                        raise TooManyRedirects
+                if status not in REDIRECTS or location is None:
+                    await response.body()
+                    return hop
+            finally:
+                response.close()
+            if (status == 303 and method != "HEAD") or (status in {301, 302} and method == "POST"):
+                method = "GET"
+            following = _parse(urljoin(url.text, location).partition("#")[0])
+            if following.origin != url.origin:
+                headers = {
+                    name: value
+                    for name, value in headers.items()
+                    if name.lower() not in _CROSS_ORIGIN_DROPPED
+                }
+            url = following
+
+    async def _exchange(self, method: str, url: _Url, headers: Mapping[str, str]) -> _Hop:
+        """Connect (resolving the name first) and send the request."""
+        head = _request_head(method, url, headers)
+        hop = _Hop(Exchange(head_only=method == "HEAD", keep_body=self._pattern is not None))
+        address = url.address
+        if address is None:
+            started = time.perf_counter()
+            address = await resolve(url.host, url.port)
+            hop.resolve = time.perf_counter() - started
+        started = time.perf_counter()
+        sock = await connect(address)
+        connected = time.perf_counter()
+        hop.connect = connected - started
+        context = self._context() if url.tls else None
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: hop.exchange,
+                sock=sock,
+                ssl=context,
+                server_hostname=url.host if context is not None else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        if context is not None:
+            hop.tls = time.perf_counter() - connected
+        transport.write(head)
+        hop.sent = time.perf_counter()
+        return hop
+
+    def _context(self) -> ssl.SSLContext:
+        if not self.verify_tls:
+            return _unverified_context()
+        return self._ca_context or _default_context()

@@ -1,6 +1,7 @@
 """The long-running commands carry only what they use: a real ``netwatch run`` on a TCP-only
-config (and a real ``netwatch proxy``) must not load the CLI's tables, the demo, the other
-probe types' libraries or the optional parts it was not configured for.
+or HTTP-only config (and a real ``netwatch proxy``) must not load the CLI's tables, the demo,
+the other probe types' libraries or the optional parts it was not configured for (an HTTP
+probe needs no aiohttp).
 
 Each case runs the console script's entry point (``netwatch.cli:main``) in a child process
 that writes ``sorted(sys.modules)`` when it exits, after it has probed its target, answered
@@ -15,9 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -100,13 +103,41 @@ def listener() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
-def config(role: str, port: int, tmp_path: Path) -> tuple[dict[str, object], str]:
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_listener() -> Iterator[int]:
+    """An HTTP server (a thread of the test process) that answers every GET with 200."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def config(role: str, port: int, tmp_path: Path, kind: str) -> tuple[dict[str, object], str]:
     """The config and the URL that shows the target was probed (its link went up)."""
+    target: dict[str, object] = {"name": "gw", "type": "tcp", "host": "127.0.0.1", "port": port}
+    if kind == "http":
+        target = {"name": "gw", "type": "http", "url": f"http://127.0.0.1:{port}/health"}
     doc: dict[str, object] = {
         "site": {"id": "lean"},
         "defaults": {"interval": "300ms", "timeout": "1s"},
         "link": {"recover_after": 1},
-        "targets": [{"name": "gw", "type": "tcp", "host": "127.0.0.1", "port": port}],
+        "targets": [target],
     }
     if role == "run":
         listen = f"127.0.0.1:{free_port()}"
@@ -122,8 +153,8 @@ def config(role: str, port: int, tmp_path: Path) -> tuple[dict[str, object], str
     return doc, f"http://{listen}/_netwatch/metrics"
 
 
-def loaded_modules(role: str, port: int, tmp_path: Path) -> set[str]:
-    doc, url = config(role, port, tmp_path)
+def loaded_modules(role: str, port: int, tmp_path: Path, kind: str = "tcp") -> set[str]:
+    doc, url = config(role, port, tmp_path, kind)
     cfg = tmp_path / "netwatch.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     out = tmp_path / "modules.txt"
@@ -164,6 +195,13 @@ def test_run_on_a_tcp_only_site_loads_nothing_it_does_not_use(
     modules = loaded_modules("run", listener, tmp_path)
     assert "probes.tcp" in modules  # the harness really ran the daemon
     assert offenders(modules, NEVER + NOT_IN_RUN) == []
+
+
+def test_run_on_an_http_only_site_loads_no_aiohttp(http_listener: int, tmp_path: Path) -> None:
+    modules = loaded_modules("run", http_listener, tmp_path, kind="http")
+    assert "probes.http" in modules  # the harness really ran the daemon's HTTP probe
+    banned = tuple(m for m in NEVER + NOT_IN_RUN if m != "probes.http")
+    assert offenders(modules, banned) == []
 
 
 def test_proxy_loads_no_console_tools_nor_other_probe_types(listener: int, tmp_path: Path) -> None:

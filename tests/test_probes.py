@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import errno
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from helpers.probe_servers import (
     full_backlog,
     http_server,
     resetting_server,
+    scripted_http_server,
     server_context,
     silent_dns_server,
     silent_server,
@@ -309,6 +311,211 @@ async def test_https_untrusted_certificate_is_tls_error(https_url: str) -> None:
 async def test_https_without_verification(https_url: str) -> None:
     result = await HttpProbe(f"{https_url}/ok", verify_tls=False).run(timeout=2.0)
     assert result.success, result
+    assert result.phases["tls"] > 0
+
+
+# The http probe's own HTTP/1.1 client: framing, redirects and failures a server can cause.
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\n"
+EMPTY_OK = OK_HEAD + b"Content-Length: 0\r\n\r\n"
+
+
+def redirect(status: int, location: str) -> bytes:
+    return b"HTTP/1.1 %d Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (
+        status,
+        location.encode(),
+    )
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_http_reads_a_chunked_body_and_decodes_its_charset() -> None:
+    body = "café ok".encode("latin-1")
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:3], body[3:]))
+    answer = (
+        OK_HEAD
+        + b"Content-Type: text/plain; charset=latin-1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked
+        + b"0\r\n\r\n"
+    )
+    async with scripted_http_server({"/": answer}, hold=frozenset({"/"})) as server:
+        result = await HttpProbe(f"{server.url}/", body_regex="café ok$").run(timeout=2.0)
+    assert result.success, result
+    assert result.details == {"status": 200, "bytes": len(body)}
+
+
+async def test_http_reads_a_body_delimited_by_the_close() -> None:
+    answer = OK_HEAD + b"Connection: close\r\n\r\n" + b"x" * 100_000 + b"until close"
+    async with scripted_http_server({"/": answer}) as server:
+        result = await HttpProbe(f"{server.url}/", body_regex="until close$").run(timeout=2.0)
+    assert result.success, result
+    assert result.details["bytes"] == 100_000 + len("until close")
+    assert result.phases["transfer"] > 0
+
+
+async def test_http_head_and_204_answers_end_with_their_head() -> None:
+    # The server keeps the connections open: only the head can end these answers.
+    answers = {
+        "/head": OK_HEAD + b"Content-Length: 50\r\n\r\n",
+        "/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+    }
+    async with scripted_http_server(answers, hold=frozenset(answers)) as server:
+        head = await HttpProbe(f"{server.url}/head", method="HEAD").run(timeout=2.0)
+        empty = await HttpProbe(f"{server.url}/empty", expect_status=(204,)).run(timeout=2.0)
+    assert head.success, head
+    assert head.details == {"status": 200, "bytes": 0}
+    assert empty.success, empty
+
+
+async def test_http_keeps_only_the_first_mib_for_the_regex() -> None:
+    size = 2 * 1024 * 1024
+    answer = OK_HEAD + b"Content-Length: %d\r\n\r\nstart" % size + b"x" * (size - 8) + b"end"
+    async with scripted_http_server({"/": answer}) as server:
+        start = await HttpProbe(f"{server.url}/", body_regex="^start").run(timeout=5.0)
+        end = await HttpProbe(f"{server.url}/", body_regex="end$").run(timeout=5.0)
+    assert start.success, start
+    assert start.details["bytes"] == size
+    assert_failed(end, probes.ERROR_BODY)
+
+
+async def test_http_follows_relative_and_absolute_redirects() -> None:
+    answers = {
+        "/a": redirect(302, "b?x=1"),
+        "/b?x=1": redirect(301, "{base}/c"),
+        "/c": OK_HEAD + b"Content-Length: 4\r\n\r\nlast",
+    }
+    async with scripted_http_server(answers) as server:
+        result = await HttpProbe(f"{server.url}/a", body_regex="^last$").run(timeout=2.0)
+    assert result.success, result
+    assert result.details == {"status": 200, "bytes": 4}
+    assert [r.split("\r\n", 1)[0] for r in server.requests] == [
+        "GET /a HTTP/1.1",
+        "GET /b?x=1 HTTP/1.1",
+        "GET /c HTTP/1.1",
+    ]
+
+
+async def test_http_post_becomes_get_after_303_but_not_after_307() -> None:
+    answers = {
+        "/see-other": redirect(303, "/done"),
+        "/temporary": redirect(307, "/done"),
+        "/done": EMPTY_OK,
+    }
+    async with scripted_http_server(answers) as server:
+        for path in ("/see-other", "/temporary"):
+            result = await HttpProbe(f"{server.url}{path}", method="POST").run(timeout=2.0)
+            assert result.success, result
+    assert [r.split(" ", 2)[:2] for r in server.requests] == [
+        ["POST", "/see-other"],
+        ["GET", "/done"],
+        ["POST", "/temporary"],
+        ["POST", "/done"],
+    ]
+
+
+async def test_http_drops_credentials_on_a_redirect_to_another_origin() -> None:
+    auth = {"Authorization": "Bearer secret", "X-Kept": "1"}
+    async with (
+        scripted_http_server({"/": EMPTY_OK}) as other,
+        scripted_http_server({"/": redirect(302, f"{other.url}/")}) as first,
+    ):
+        result = await HttpProbe(f"{first.url}/", headers=auth).run(timeout=2.0)
+    assert result.success, result
+    assert "Authorization: Bearer secret" in first.requests[0]
+    assert "Authorization" not in other.requests[0]
+    assert "X-Kept: 1" in other.requests[0]
+
+
+async def test_http_redirect_loop_is_too_many_redirects() -> None:
+    async with scripted_http_server({"/loop": redirect(302, "/loop")}) as server:
+        result = await HttpProbe(f"{server.url}/loop").run(timeout=2.0)
+    assert_failed(result, probes.ERROR_OTHER)
+    assert result.message == "too many redirects"
+    assert len(server.requests) == 10  # as aiohttp counted: the 10th redirect is the error
+
+
+async def test_http_body_cut_short_is_a_reset() -> None:
+    answers = {
+        "/length": OK_HEAD + b"Content-Length: 100\r\n\r\nonly ten..",
+        "/chunks": OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    }
+    async with scripted_http_server(answers) as server:
+        for path in answers:
+            result = await HttpProbe(f"{server.url}{path}").run(timeout=2.0)
+            assert_failed(result, probes.ERROR_RESET)
+            assert result.message.startswith("response body cut short"), result
+
+
+async def test_http_close_without_an_answer_is_a_reset() -> None:
+    async with scripted_http_server({"/": b""}) as server:
+        result = await HttpProbe(f"{server.url}/").run(timeout=2.0)
+    assert_failed(result, probes.ERROR_RESET)
+    assert result.message == "server closed the connection without a response"
+
+
+async def test_http_garbage_answer_is_an_error_not_a_success() -> None:
+    async with scripted_http_server({"/": b"SSH-2.0-OpenSSH_9.6\r\n\r\n"}) as server:
+        result = await HttpProbe(f"{server.url}/").run(timeout=2.0)
+    assert_failed(result, probes.ERROR_OTHER)
+    assert "malformed response" in result.message
+
+
+async def test_http_request_headers_and_their_override() -> None:
+    async with scripted_http_server({"/": EMPTY_OK}) as server:
+        assert (await HttpProbe(f"{server.url}/").run(timeout=2.0)).success
+        custom = {"user-agent": "custom/1", "X-Extra": "yes"}
+        assert (await HttpProbe(f"{server.url}/", headers=custom).run(timeout=2.0)).success
+    default, overridden = (r.lower() for r in server.requests)
+    port = server.url.rsplit(":", 1)[1]
+    assert f"host: 127.0.0.1:{port}\r\n" in default
+    assert "user-agent: netwatch-probe/0.1\r\n" in default
+    assert "accept-encoding: identity\r\n" in default
+    assert overridden.count("user-agent:") == 1
+    assert "user-agent: custom/1\r\n" in overridden
+    assert "x-extra: yes\r\n" in overridden
+
+
+async def test_http_invalid_url_is_a_result() -> None:
+    result = await HttpProbe("http://:80/").run(timeout=1.0)
+    assert_failed(result, probes.ERROR_OTHER)
+    assert result.message.startswith("invalid URL")
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_http_ipv6_literal() -> None:
+    answer = OK_HEAD + b"Content-Length: 2\r\n\r\nok"
+    async with scripted_http_server({"/": answer}, host="::1") as server:
+        result = await HttpProbe(f"{server.url}/").run(timeout=2.0)
+    assert result.success, result
+    assert result.phases["resolve"] == 0.0
+    port = server.url.rsplit(":", 1)[1]
+    assert f"Host: [::1]:{port}\r\n" in server.requests[0]
+
+
+async def test_https_with_another_ca_is_a_certificate_failure(
+    https_url: str, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    result = await HttpProbe(f"{https_url}/ok", ca_file=str(other)).run(timeout=2.0)
+    assert_failed(result, probes.ERROR_TLS)
+    assert result.message.startswith("certificate verification failed"), result
+
+
+async def test_https_by_name_checks_the_name_and_reads_the_body(
+    https_url: str, ca_file: str
+) -> None:
+    url = https_url.replace("127.0.0.1", "localhost") + "/ok"
+    result = await HttpProbe(url, ca_file=ca_file, body_regex="target ok").run(timeout=2.0)
+    assert result.success, result
+    assert result.phases["resolve"] > 0
     assert result.phases["tls"] > 0
 
 

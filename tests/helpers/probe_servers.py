@@ -15,6 +15,7 @@ import struct
 import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import trustme
 from aiohttp import web
@@ -137,6 +138,52 @@ async def resetting_server() -> AsyncIterator[int]:
     server = await asyncio.start_server(handle, sock=_bound_socket())
     try:
         yield port_of(server.sockets[0])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@dataclass
+class Scripted:
+    """A scripted HTTP server's base URL and the request heads it received, in order."""
+
+    url: str
+    requests: list[str] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def scripted_http_server(
+    answers: Mapping[str, bytes], *, host: str = "127.0.0.1", hold: frozenset[str] = frozenset()
+) -> AsyncIterator[Scripted]:
+    """Answers each request for a path with the bytes given for it (``{base}`` in them is
+    the server's base URL), exactly as given: any framing, or a cut. Then it closes the
+    connection, or (paths in ``hold``) keeps it open until the client closes it. Unknown
+    paths get a 404. Yields a ``Scripted``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    name = f"[{host}]" if ":" in host else host
+    scripted = Scripted(f"http://{name}:{port_of(sock)}")
+    missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            scripted.requests.append(head)
+            path = head.split(" ", 2)[1]
+            answer = answers.get(path, missing)
+            writer.write(answer.replace(b"{base}", scripted.url.encode()))
+            await writer.drain()
+            if path in hold:
+                await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, sock=sock)
+    try:
+        yield scripted
     finally:
         server.close()
         await server.wait_closed()
