@@ -259,7 +259,7 @@ ALL = pytest.mark.parametrize("lab", list(STRATEGIES), indirect=True)
 
 
 @ALL
-@pytest.mark.parametrize("fault", ["drop", "stall"])
+@pytest.mark.parametrize("fault", ["drop", "stall", "gateway-timeout"])
 async def test_online_write_applied_without_an_answer_is_applied_once(lab: Lab, fault: str) -> None:
     lab.sim.control(after_apply=fault, after_apply_next=1, stall_s=QUEUE_AFTER + 2.5)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -291,12 +291,13 @@ async def test_online_write_applied_without_an_answer_is_applied_once(lab: Lab, 
 
 
 @ALL
-@pytest.mark.parametrize("fault", ["drop", "stall"])
+@pytest.mark.parametrize("fault", ["drop", "stall", "bad-gateway"])
 async def test_replay_applied_without_an_answer_is_settled_by_the_strategy(
     lab: Lab, fault: str
 ) -> None:
     """Offline first (refused: nothing in doubt), then the replay meets an upstream that
-    applies three writes and drops the connection, or stalls past request_timeout (2s)."""
+    applies three writes and drops the connection, stalls past request_timeout (2s), or
+    answers 502 as a gateway whose origin failed after applying."""
     lab.relay.set_mode("refuse")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for seq in range(1, 7):

@@ -14,7 +14,9 @@ there even when the idempotency record hides it from ``applied``. ``naive=True``
 control key ``naive``) models an upstream that ignores ``Idempotency-Key`` and applies every
 receipt; ``GET /api/applications/{application_no}`` and ``/api/applications/by-key/{key}``
 let a client look up whether a write was applied. ``after_apply`` faults apply a write and
-then drop the connection or stall before answering: the in-doubt cases.
+then drop the connection, stall before answering, or answer as a gateway whose origin
+failed (``bad-gateway``: 502) or was too slow (``gateway-timeout``: 504): the in-doubt
+cases.
 
 Network faults below HTTP (refused connections, black holes, cut streams) are not the
 simulator's job: the tests put a fault relay between the proxy and the simulator.
@@ -43,13 +45,16 @@ from typing import Any, Literal, Self, cast
 from aiohttp import web
 
 OutageKind = Literal["http503", "reset"]
-AfterApply = Literal["drop", "stall"]
+AfterApply = Literal["drop", "stall", "bad-gateway", "gateway-timeout"]
 OutageWindow = tuple[float, float]
 OutageSchedule = Sequence[OutageWindow] | Callable[[float], bool]
 Validator = Callable[[Mapping[str, Any]], str | None]
 
 OUTAGE_KINDS: tuple[OutageKind, ...] = ("http503", "reset")
-AFTER_APPLY: tuple[AfterApply, ...] = ("drop", "stall")
+AFTER_APPLY: tuple[AfterApply, ...] = ("drop", "stall", "bad-gateway", "gateway-timeout")
+# What a gateway in front of the database answers when its origin failed (502) or was too
+# slow (504) after applying the write.
+_GATEWAY_STATUS = {"bad-gateway": 502, "gateway-timeout": 504}
 PEAK_WINDOWS: tuple[tuple[float, float], ...] = ((7.5, 11.5), (13.5, 16.5))
 
 
@@ -266,8 +271,9 @@ class PopulationSimulator:
         Keys: ``outage`` (True/False, or None to follow the schedule), ``outage_kind``,
         ``latency_ms``, ``jitter_ms``, ``error_rate``, ``reject_next`` (answer the next N API
         requests with ``reject_status``, default 503), ``naive`` (ignore ``Idempotency-Key``),
-        ``after_apply`` (``"drop"``, ``"stall"`` or None) for the next ``after_apply_next``
-        writes, ``stall_s``. A bad key or value raises ValueError.
+        ``after_apply`` (``"drop"``, ``"stall"``, ``"bad-gateway"``, ``"gateway-timeout"`` or
+        None) for the next ``after_apply_next`` writes, ``stall_s``. A bad key or value
+        raises ValueError.
         """
         for key, value in changes.items():
             if key == "outage" and (value is None or isinstance(value, bool)):
@@ -389,6 +395,9 @@ class PopulationSimulator:
         control.after_apply_next -= 1
         if control.after_apply == "drop":
             _reset_connection(request)
+        elif control.after_apply in _GATEWAY_STATUS:
+            status = _GATEWAY_STATUS[control.after_apply]
+            return _json({"error": control.after_apply}, status)
         else:
             await asyncio.sleep(control.stall_s)
         return response

@@ -7,8 +7,9 @@ Decision per request (the mode comes from the mode machine, owned by ``station.p
   replay de-duplicated. Others stream both ways.
 - a forward that fails on the network, or gets 502/503/504: passive failure (offline at
   once); a replayable request is then queued and answered 202 rather than failed. When the
-  request may have reached the upstream (it was written, then no answer came), it is queued
-  *in doubt*: never re-sent blindly, its rule's dedupe strategy settles it.
+  request may have been applied upstream (it was written, then no answer came; or a gateway
+  answered 502 or 504, which its origin may have applied), it is queued *in doubt*: never
+  re-sent blindly, its rule's dedupe strategy settles it.
 - an entry held in doubt for an operator counts as waiting: new writes queue behind it.
 - offline or replaying, replayable: queued behind the backlog (committed before the 202).
 - offline, anything else: 503 with Retry-After. While *replaying* the link is known good,
@@ -38,6 +39,7 @@ from netwatch.config.schema import Proxy
 from netwatch.errors import QueueDamagedError, QueueDiskFullError, QueueError, QueueFullError
 from netwatch.proxy.dedupe import rule_for
 from netwatch.proxy.forward import (
+    GATEWAY_IN_DOUBT,
     UPSTREAM_DOWN_STATUSES,
     BodyTooLarge,
     CountedBody,
@@ -261,7 +263,8 @@ class Dispatcher:
             self._core.passive_failure(f"upstream {upstream.status}")
             if buffered is not None:
                 upstream.release()
-                return await self._queue(request, headers, *buffered)
+                doubt = upstream.status in GATEWAY_IN_DOUBT
+                return await self._queue(request, headers, *buffered, doubt=doubt)
             return "failed", upstream
         return "forwarded", upstream
 

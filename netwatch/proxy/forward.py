@@ -38,6 +38,7 @@ from netwatch.proxy.upstream import (
 )
 
 __all__ = [
+    "GATEWAY_IN_DOUBT",
     "UPSTREAM_DOWN_STATUSES",
     "BodyTooLarge",
     "CountedBody",
@@ -71,6 +72,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 UPSTREAM_DOWN_STATUSES = frozenset({502, 503, 504})
+# A gateway's answers that do not say the write was not applied: its origin may have applied
+# it and then failed (502) or been too slow for the gateway (504). 503 is a refusal.
+GATEWAY_IN_DOUBT = frozenset({502, 504})
 CHUNK = 64 * 1024
 # Responses up to this size (with a Content-Length) are relayed in one write.
 SMALL_RESPONSE = 64 * 1024

@@ -7,7 +7,8 @@ the dispatcher skips keys already in flight. That is what keeps per-key order ex
 the whole drain can still reach thousands of requests a second.
 
 Verdicts: 2xx/3xx delivered; 408/425/429/5xx and network errors retried later (jittered
-exponential backoff, never earlier than the upstream's ``Retry-After``); any other 4xx a
+exponential backoff, never earlier than the upstream's ``Retry-After``), in doubt after a
+502 or 504 (a gateway's answer: its origin may have applied the write); any other 4xx a
 dead letter keeping the upstream's answer. A network error also tells the mode machine,
 which stops the replay until the link is back.
 
@@ -45,7 +46,7 @@ from netwatch.clock import Clock, FileTime
 from netwatch.config.schema import Dedupe, Lookup, Replay
 from netwatch.errors import QueueError
 from netwatch.proxy.dedupe import LookupImpossible, parse_template, render, verdict
-from netwatch.proxy.forward import Reply, UpstreamFailure
+from netwatch.proxy.forward import GATEWAY_IN_DOUBT, Reply, UpstreamFailure
 from netwatch.proxy.queue import DurableQueue, Entry
 
 log = structlog.get_logger("netwatch.proxy.replay")
@@ -313,8 +314,9 @@ class Replayer:
         elif verdict == "retried":
             # An HTTP-date is the upstream's wall clock: compared with ours, not the file's.
             retry_after = parse_retry_after(reply.retry_after, self._clock.now())
-            await self._retry(entry, reply.status, retry_after)
-            log.info("replay_retry", ticket=entry.id, status=reply.status)
+            doubt = reply.status in GATEWAY_IN_DOUBT  # the origin may have applied it
+            await self._retry(entry, reply.status, retry_after, in_doubt=doubt)
+            log.info("replay_retry", ticket=entry.id, status=reply.status, in_doubt=doubt)
         else:
             await self._record(
                 entry,

@@ -120,12 +120,16 @@ def parse_head(head: bytes, max_body: int) -> Head | None:
     parsed.raw_query = query
     parsed.minor = minor = 1 if parser.get_http_version() == "1.1" else 0
     # From the header itself: llhttp forgets it once a bodiless message is complete.
-    tokens = {
-        token.strip().lower()
-        for value in parsed.headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    parsed.keep_alive = "close" not in tokens and (minor == 1 or "keep-alive" in tokens)
+    connection = parsed.headers.get("Connection")
+    if connection is None:
+        parsed.keep_alive = minor == 1
+    else:
+        tokens = {
+            token.strip().lower()
+            for value in parsed.headers.getall("Connection")
+            for token in value.split(",")
+        }
+        parsed.keep_alive = "close" not in tokens and (minor == 1 or "keep-alive" in tokens)
     return parsed
 
 
