@@ -26,7 +26,7 @@ from netwatch.clock import Clock, SystemClock
 from netwatch.config.schema import Config, load_config
 from netwatch.errors import ConfigError
 from netwatch.events import EventHub, LinkChanged, SiteFaultChanged
-from netwatch.gcpolicy import frozen_heap
+from netwatch.gcpolicy import frozen_heap, refreeze
 from netwatch.monitor import fault
 from netwatch.monitor.city import CityCollector, SiteFault
 from netwatch.monitor.httpd import SiteEndpoint, serve
@@ -199,6 +199,7 @@ class Daemon:
         self.extras.reload(new)
         self.config = self.monitor.config
         self.fault.refresh()
+        refreeze()  # what the old config held may be frozen: collect it now
         log.info("config_reloaded", **{k: v for k, v in diff.items() if v})
         return True
 

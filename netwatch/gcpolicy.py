@@ -12,6 +12,10 @@ was made since. Young collections are left as Python sets them: they walk the pr
 flight (coroutines, futures, timer handles), 2-4 ms each every second or so; a higher
 threshold made them rarer but longer (5-11 ms at 10,000), as more of the walked objects were
 still alive.
+
+A reload replaces targets, their runtimes and parts of the config, and what it drops may be
+frozen: ``refreeze`` (called after each reload) unfreezes, collects and freezes what is alive
+now, so a daemon reloaded every day does not keep every old config until it stops.
 """
 
 from __future__ import annotations
@@ -31,3 +35,13 @@ def frozen_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def refreeze() -> None:
+    """After a reload: let what it dropped be collected, then freeze the new heap (a no-op
+    when nothing is frozen, as outside ``frozen_heap``)."""
+    if gc.get_freeze_count() == 0:
+        return
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -14,7 +14,7 @@ from helpers.daemon import eventually, free_tcp_port, write_config
 
 from netwatch.config.schema import load_config
 from netwatch.daemon import Daemon
-from netwatch.gcpolicy import frozen_heap
+from netwatch.gcpolicy import frozen_heap, refreeze
 
 
 class Node:
@@ -43,6 +43,26 @@ def test_frozen_heap_collects_freezes_and_restores() -> None:
         assert tracked(made_after)
     assert gc.get_freeze_count() == 0
     assert tracked(alive)
+
+
+def test_refreeze_collects_frozen_garbage_a_reload_dropped() -> None:
+    with frozen_heap():
+        cycle = Node()
+        cycle.other = Node()
+        cycle.other.other = cycle
+        old = weakref.ref(cycle)
+        refreeze()  # the cycle is alive: frozen with the rest
+        assert not tracked(cycle)
+        del cycle  # a reload drops it: frozen garbage, never collected while frozen
+        gc.collect()
+        assert old() is not None
+        refreeze()
+        assert old() is None
+        kept = Node()
+        refreeze()
+        assert not tracked(kept)
+    refreeze()  # outside frozen_heap: nothing is frozen, nothing is done
+    assert gc.get_freeze_count() == 0
 
 
 async def test_daemon_freezes_its_start_up_objects_until_it_stops(
