@@ -8,8 +8,10 @@ import asyncio
 import gzip
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -254,6 +256,14 @@ async def trickle(writer: asyncio.StreamWriter, kib: int) -> None:
         writer.write(b"a" * 1024)
         await writer.drain()
         await asyncio.sleep(0.01)
+
+
+async def test_every_answer_carries_a_date() -> None:
+    async with site() as (port, _, _):
+        raw = await exchange(port, request("/healthz") + request("/nope") + request("/metrics"))
+        for _, headers, _ in replies(raw):
+            sent = parsedate_to_datetime(headers["date"])
+            assert abs(sent.timestamp() - time.time()) < 5
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:

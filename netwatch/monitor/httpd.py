@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from netwatch import auth
 from netwatch.config.units import split_listen
+from netwatch.httpdate import http_date
 from netwatch.monitor.exposition import FastCollector, scrape
 
 log = structlog.get_logger("netwatch.httpd")
@@ -136,7 +137,7 @@ class SiteEndpoint:
 
 
 def head(status: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {http_date()}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

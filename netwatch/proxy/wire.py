@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping
-from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
+
+from netwatch.httpdate import http_date
 
 __all__ = ["FAST_METHODS", "MAX_HEAD", "Head", "json_answer", "parse_head", "response_head"]
 
@@ -156,17 +156,6 @@ def _take_headers(parsed: Head, max_body: int) -> bool:
     return True
 
 
-_date = ["", 0]  # (text, second) of the Date header, formatted once a second
-
-
-def _http_date() -> str:
-    now = int(time.time())
-    if _date[1] != now:
-        _date[0] = formatdate(now, usegmt=True)
-        _date[1] = now
-    return str(_date[0])
-
-
 def _status_line(minor: int, status: int, reason: str) -> str:
     if not reason:
         try:
@@ -207,7 +196,7 @@ def response_head(
         lines.append(f"{name}: {value}\r\n")
     lines.append(framing)
     if not seen_date:
-        lines.append(f"Date: {_http_date()}\r\n")
+        lines.append(f"Date: {http_date()}\r\n")
     if not seen_server:
         lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
     lines.append(_connection(minor, keep_alive))
@@ -231,7 +220,7 @@ def json_answer(
     lines.append(
         "Content-Type: application/json; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
-        f"Date: {_http_date()}\r\n"
+        f"Date: {http_date()}\r\n"
         f"Server: {SERVER_SOFTWARE}\r\n"
     )
     lines.append(_connection(minor, keep_alive))
