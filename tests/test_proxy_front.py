@@ -8,8 +8,11 @@ Real sockets on loopback, raw bytes written as they are (no client library tidie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,11 +22,14 @@ import pytest
 from aiohttp import web
 from helpers.rawhttp import replies, talk
 from helpers.servers import free_port, run_http_server, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from netwatch.config.schema import Proxy
 from netwatch.events import EventHub
 from netwatch.proxy.station import StationProxy
+from netwatch.proxy.wire import HEAD_END, HeadScan, not_plain
 
 MAX_BODY = 4096
 WRITE = "/api/applications"
@@ -368,3 +374,66 @@ async def test_a_station_that_hangs_up_still_gets_its_write_forwarded(
         writer.transport.abort()
         await wait_until(lambda: len(recorder.seen) == 1, timeout=5)
     assert recorder.seen[0][1] == "/slow"
+
+
+PIECES = [b"GET", b"POST /api/x", b" ", b"/a", b" HTTP/1.1", b"\r\n", b"\r", b"\n", b"X: y",
+          b"\x00", b"\xc3\xa9", b"\t", b"GET /r HTTP/1.1\r\n", b"Host: x"]  # fmt: skip
+
+
+@given(
+    st.lists(st.sampled_from(PIECES), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=12),
+)
+def test_a_head_checked_as_it_trickles_in_is_judged_as_if_it_came_at_once(
+    pieces: list[bytes], sizes: list[int]
+) -> None:
+    data = b"".join(pieces)
+    if HEAD_END in data:
+        return  # a complete head is judged whole (parse_head)
+    scan, buf, plain, at = HeadScan(), bytearray(), True, 0
+    for size in sizes * len(data):
+        if at >= len(data):
+            break
+        buf += data[at : at + size]
+        at += size
+        if not scan.plain(buf):
+            plain = False
+            break
+    # What the scan judged is what not_plain says of the same bytes seen at once (a CR at
+    # the very end may still get its LF: it is judged with the next bytes, unless it cannot
+    # make the head plain whatever follows).
+    seen = bytes(buf)
+    trimmed = seen[:-1] if seen.endswith(b"\r") else seen
+    if plain:
+        assert not not_plain(trimmed)
+    else:
+        assert not_plain(trimmed) or not_plain(seen + b"\n")
+
+
+def trickle(port: int, data: bytes) -> bytes:
+    """Send ``data`` a byte at a time (until the server closes), then read its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # answered and closed already
+                break
+            time.sleep(0.002)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+
+async def test_a_bare_lf_head_trickled_in_is_refused_at_once(
+    tmp_path: Path, upstream: tuple[Upstream, str]
+) -> None:
+    """Not after the header timeout (10 s): a bare-LF head never shows the CRLF blank line."""
+    _, url = upstream
+    async with one_proxy(tmp_path, url, header_timeout="10s") as proxy:
+        started = time.monotonic()
+        answer = await asyncio.to_thread(trickle, proxy.port, b"GET /r HTTP/1.1\nHost: x\n\n")
+        assert b" 400 " in answer.partition(b"\r\n")[0]
+        assert time.monotonic() - started < 3

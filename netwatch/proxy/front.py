@@ -37,7 +37,7 @@ from netwatch.proxy.forward import (
     ResponseCut,
     response_headers,
 )
-from netwatch.proxy.wire import HEAD_END, MAX_HEAD, Head, json_answer, not_plain, parse_head
+from netwatch.proxy.wire import HEAD_END, MAX_HEAD, Head, HeadScan, json_answer, parse_head
 from netwatch.proxy.wire import response_head as render_head
 
 log = structlog.get_logger("netwatch.proxy.front")
@@ -120,6 +120,7 @@ class StationFront(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._inner: asyncio.Protocol | None = None  # aiohttp's, once handed over
         self._buf = bytearray()
+        self._scan = HeadScan()  # the head still arriving, checked as it comes
         self._task: asyncio.Task[None] | None = None
         self._waiting_body: tuple[int, asyncio.Future[bytes]] | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -209,13 +210,15 @@ class StationFront(asyncio.Protocol):
             if self._eof:
                 self._close()
             return
-        end = buf.find(HEAD_END, 0, MAX_HEAD + len(HEAD_END))
+        scan = self._scan
+        end = buf.find(HEAD_END, max(0, scan.scanned - 3), MAX_HEAD + len(HEAD_END))
         if end < 0:
-            if len(buf) > MAX_HEAD or not_plain(buf):
+            if len(buf) > MAX_HEAD or not scan.plain(buf):
                 self._hand_over()
             elif self._eof:
                 self._close()  # a head that will never end
             return
+        scan.reset()
         size = end + len(HEAD_END)
         head = parse_head(bytes(buf[:size]), self._max_body)
         if head is None:

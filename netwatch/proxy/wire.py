@@ -62,6 +62,42 @@ def not_plain(data: bytes | bytearray) -> bool:
     return line_end >= 0 and _REQUEST_LINE.fullmatch(data, 0, line_end + 1) is None
 
 
+class HeadScan:
+    """``not_plain`` for a head still arriving, byte by byte if need be, in linear time:
+    each call looks only at the bytes that came since the last (and the one before them),
+    so a head trickled in one byte at a time costs no more than one sent at once."""
+
+    __slots__ = ("_first_line", "scanned")
+
+    def __init__(self) -> None:
+        self.scanned = 0  # bytes of the buffer already found plain
+        self._first_line = False
+
+    def reset(self) -> None:
+        self.scanned = 0
+        self._first_line = False
+
+    def plain(self, buf: bytearray) -> bool:
+        """False as soon as the incomplete head in ``buf`` cannot be plain."""
+        start = self.scanned
+        new = buf[start:]
+        if new.translate(None, _PLAIN_BYTES):
+            return False
+        window = buf[start - 1 :] if start else new  # with the byte before, if any
+        pairs = window.count(b"\r\n")  # each ends in the new bytes
+        if new.count(b"\n") != pairs:
+            return False  # a bare LF
+        pending = window[:1] == b"\r" if start else False  # a CR whose follower is new
+        crs = new.count(b"\r") - new.endswith(b"\r") + pending
+        if crs != pairs or b"\n " in window or b" \r" in window:
+            return False  # a bare CR; obsolete line folding; a space before a line end
+        self.scanned = len(buf)
+        if not self._first_line and (line_end := buf.find(b"\n")) >= 0:
+            self._first_line = True
+            return _REQUEST_LINE.fullmatch(buf, 0, line_end + 1) is not None
+        return True
+
+
 class Head:
     """One plain request head."""
 
