@@ -363,6 +363,23 @@ async def test_shutdown_closes_kept_alive_fast_connections(
     writer.close()
 
 
+async def test_a_request_in_progress_at_shutdown_is_still_answered(
+    tmp_path: Path, upstream: tuple[Upstream, str]
+) -> None:
+    _, url = upstream
+    async with one_proxy(tmp_path, url) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(get("/slow"))  # the upstream takes 0.3 s; shutdown grants 2 s
+        await asyncio.sleep(0.1)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert (
+        await asyncio.wait_for(reader.read(), 5)
+        == b'{"method": "GET", "path": "/slow", "bytes": 0}'
+    )
+    writer.close()
+
+
 async def test_a_station_that_hangs_up_still_gets_its_write_forwarded(
     tmp_path: Path, upstream: tuple[Upstream, str]
 ) -> None:

@@ -431,9 +431,15 @@ class Fronts:
 
     async def close(self, grace: float) -> None:
         """Idle connections close at once; requests in progress get ``grace`` seconds to
-        finish (as aiohttp's shutdown gives its own), then their connections are cut."""
+        finish (as aiohttp's shutdown gives its own), then are cancelled and their
+        connections cut. (Each request's task is made here, per request, like aiohttp's:
+        ``_serve`` answers or logs every failure, and this waits for the last ones.)"""
         busy = [task for front in list(self.open) if (task := front.shut()) is not None]
         if busy:
-            await asyncio.wait(busy, timeout=grace)
+            _, late = await asyncio.wait(busy, timeout=grace)
+            for task in late:  # as aiohttp's shutdown does with its handlers
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=grace)
         for front in list(self.open):
             front.abort()
