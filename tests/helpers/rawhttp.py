@@ -66,9 +66,10 @@ def request(path: str, method: str = "GET", *extra: str, version: str = "1.1") -
     return "\r\n".join(lines).encode()
 
 
-async def talk(port: int, raw: bytes, *, quiet: float = 0.5) -> tuple[bytes, bool]:
-    """Send ``raw`` (no half-close) and read until the server closes or stays quiet for
-    ``quiet`` seconds; returns what came and whether the server closed the connection."""
+async def talk(port: int, raw: bytes, *, quiet: float = 0.2) -> tuple[bytes, bool]:
+    """Send ``raw`` (no half-close) and read until the server closes, or until it has said
+    something and then stayed quiet for ``quiet`` seconds (the first byte is awaited up to
+    5 s); returns what came and whether the server closed the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = b""
     try:
@@ -76,7 +77,7 @@ async def talk(port: int, raw: bytes, *, quiet: float = 0.5) -> tuple[bytes, boo
         async with asyncio.timeout(10):
             while True:
                 try:
-                    chunk = await asyncio.wait_for(reader.read(65536), quiet)
+                    chunk = await asyncio.wait_for(reader.read(65536), quiet if data else 5)
                 except TimeoutError:
                     return data, False
                 except ConnectionResetError:
