@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import socket
@@ -107,6 +108,14 @@ BAD_INPUT: dict[str, bytes] = {
     "dot segments": post(path="/api/../api/applications"),
     "percent-escapes": post(path="/api/%61pplications"),
     "Expect: 100-continue": post(b"{}", "Expect: 100-continue"),
+    "Host twice": post(b"{}", "Host: elsewhere.invalid"),
+    "Content-Type twice": post(b"{}", "Content-Type: a/b", "Content-Type: c/d"),
+    "User-Agent twice": post(b"{}", "User-Agent: a", "User-Agent: b"),
+    "no Host in HTTP/1.1": b"POST /api/applications HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    "129 headers": post(b"{}", *(f"X-{i}: v" for i in range(128))),
+    "Sec-WebSocket-Key1": post(b"{}", "Sec-WebSocket-Key1: 1"),
+    "gzip-encoded body (valid)": post(gzip.compress(b"{}"), "Content-Encoding: gzip"),
+    "a list header twice (valid)": post(b"{}", "Accept: a/b", "Accept: c/d"),
     "HTTP/1.0 plain": post(b"{}").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
 }
 # Must never reach the upstream as a request, on either path.
@@ -196,7 +205,7 @@ async def proxies(tmp_path: Path, upstream: str) -> AsyncIterator[tuple[int, int
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     recorder = Upstream()
-    async with run_http_server(recorder.app()) as url:
+    async with run_http_server(recorder.app(), auto_decompress=False) as url:  # bodies raw
         yield recorder, url
 
 
@@ -270,6 +279,33 @@ async def test_relayed_answers_are_the_same_on_both_fronts(
                 assert plain_headers.pop("content-type") == "application/octet-stream"
             assert fast_headers == plain_headers, raw
             assert fast_closed == plain_closed, raw
+
+
+async def test_an_encoded_body_reaches_the_upstream_as_the_station_sent_it(
+    tmp_path: Path, upstream: tuple[Upstream, str]
+) -> None:
+    """Forwarded on both fronts, and queued then replayed: no front decodes a body."""
+    recorder, url = upstream
+    body = gzip.compress(b'{"citizen_id": "079201001234"}')
+    digest = hashlib.sha1(body).hexdigest()[:8]
+    raw = post(body, "Content-Encoding: gzip", "Content-Type: application/json")
+    async with proxies(tmp_path, url) as (fast, plain):
+        for port in (fast, plain):
+            data, _ = await talk(port, raw)
+            assert [status for status, _, _ in replies(data)] == [201]
+    async with one_proxy(tmp_path, url, replay={"rate": "100/s"}) as proxy:
+        proxy.override("offline")
+        data, _ = await talk(proxy.port, raw)
+        assert [status for status, _, _ in replies(data)] == [202]
+        proxy.override("online")
+        run = asyncio.get_running_loop().create_task(proxy.run())
+        try:
+            await wait_until(lambda: len(recorder.seen) == 3, timeout=10)
+        finally:
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+    assert recorder.seen == [("POST", WRITE, digest)] * 3
 
 
 async def test_plain_requests_stay_on_the_fast_front_and_odd_ones_hand_over(

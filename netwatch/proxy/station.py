@@ -220,6 +220,9 @@ class StationProxy:
                 keepalive_timeout=max(self.settings.idle_timeout, self.settings.header_timeout)
                 + 5.0,
                 lingering_time=1.0,
+                # A body is forwarded and queued as the station encoded it: decoding it
+                # here sent the plain bytes upstream under the station's Content-Encoding.
+                auto_decompress=False,
             )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

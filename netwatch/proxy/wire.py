@@ -11,8 +11,9 @@ A plain request head:
 - is HTTP/1.1 or 1.0, a method in ``FAST_METHODS``, an origin-form target whose path has
   no percent-escape, no dot segment and no empty segment (the decoded path is the raw one,
   as the replayable rules see it), no fragment, outside ``/_netwatch``;
-- carries no Transfer-Encoding, Expect or Upgrade, and at most one Content-Length, of at
-  most ``max_fast_body`` bytes.
+- carries no Transfer-Encoding, Expect, Upgrade, Content-Encoding or Sec-WebSocket-Key1,
+  no header name twice, at most ``MAX_FAST_HEADERS`` headers, a Host header in HTTP/1.1,
+  and a Content-Length of at most ``max_fast_body`` bytes, if any.
 
 A head that is not plain is *handed over*; so is one still incomplete past ``MAX_HEAD``.
 """
@@ -43,7 +44,13 @@ _PLAIN_BYTES = bytes(range(0x20, 0x7F)) + b"\r\n"
 _REQUEST_LINE = re.compile(rb"[A-Z]{3,7} /[!-~]* HTTP/1\.[01]\r\n")
 # In a plain target's path: a percent-escape, a dot segment, an empty segment, a fragment.
 _NOT_PLAIN_PATH = re.compile(r"%|/\.|//|#")
-_HANDED_OVER = frozenset({"transfer-encoding", "expect", "upgrade"})
+# Headers the fast front leaves to aiohttp: framing, protocol switches, and what aiohttp's
+# parser acts on (it decodes a request body's Content-Encoding, refuses Sec-WebSocket-Key1).
+_HANDED_OVER = frozenset(
+    {"transfer-encoding", "expect", "upgrade", "content-encoding", "sec-websocket-key1"}
+)
+# aiohttp refuses more than 128 headers; a plain head stays well below.
+MAX_FAST_HEADERS = 100
 
 
 def not_plain(data: bytes | bytearray) -> bool:
@@ -149,12 +156,13 @@ def parse_head(head: bytes, max_body: int) -> Head | None:
     path, _, query = target.partition("?")
     if not path.startswith("/") or _NOT_PLAIN_PATH.search(target) or path.startswith("/_netwatch"):
         return None
-    if not _take_headers(parsed, max_body):
+    minor = 1 if parser.get_http_version() == "1.1" else 0
+    if not _take_headers(parsed, max_body, needs_host=minor == 1):
         return None
     parsed.method = method
     parsed.path = path
     parsed.raw_query = query
-    parsed.minor = minor = 1 if parser.get_http_version() == "1.1" else 0
+    parsed.minor = minor
     # From the header itself: llhttp forgets it once a bodiless message is complete.
     connection = parsed.headers.get("Connection")
     if connection is None:
@@ -169,23 +177,31 @@ def parse_head(head: bytes, max_body: int) -> Head | None:
     return parsed
 
 
-def _take_headers(parsed: Head, max_body: int) -> bool:
-    """Move the raw header pairs into ``parsed.headers``; False when they are not plain."""
+def _take_headers(parsed: Head, max_body: int, *, needs_host: bool) -> bool:
+    """Move the raw header pairs into ``parsed.headers``; False when they are not plain:
+    a name given twice (aiohttp refuses a repeated Host, Content-Type, User-Agent... and
+    serves the rest as it always did), no Host in HTTP/1.1 (refused), too many headers."""
+    if len(parsed._names) > MAX_FAST_HEADERS:
+        return False
     length: int | None = None
     pairs = []
+    seen = set()
     for raw_name, raw_value in parsed._names:
         name = raw_name.decode("ascii")
         value = raw_value.decode("ascii")
         lower = name.lower()
-        if lower in _HANDED_OVER:
+        if lower in _HANDED_OVER or lower in seen:
             return False
+        seen.add(lower)
         if lower == "content-length":
-            if length is not None or not value.isdigit():
+            if not value.isdigit():
                 return False
             length = int(value)
             if length > max_body:
                 return False
         pairs.append((name, value))
+    if needs_host and "host" not in seen:
+        return False
     parsed._names = []
     parsed.headers = CIMultiDict(pairs)
     parsed.content_length = length or 0

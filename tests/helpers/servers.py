@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Self, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 from aiohttp import web
 
@@ -24,10 +24,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @asynccontextmanager
 async def run_http_server(
-    app: web.Application, host: str = "127.0.0.1", port: int = 0
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, **options: Any
 ) -> AsyncIterator[str]:
-    """Serve ``app`` on loopback and yield its base URL (``http://127.0.0.1:PORT``)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    """Serve ``app`` on loopback and yield its base URL (``http://127.0.0.1:PORT``);
+    ``options``: more ``web.AppRunner`` options (``auto_decompress=False``: bodies raw)."""
+    runner = web.AppRunner(app, **{"access_log": None, "shutdown_timeout": 1.0, **options})
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
