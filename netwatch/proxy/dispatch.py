@@ -165,10 +165,6 @@ class Dispatcher:
         self._forwarder = forwarder
         self._metrics = metrics
 
-    @property
-    def forwarder(self) -> Forwarder:
-        return self._forwarder
-
     def counted(self, method: str, outcome: str) -> None:
         self._metrics.request(method, outcome)
 

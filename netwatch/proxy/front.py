@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from netwatch.proxy.connections import ConnectionLimits
 from netwatch.proxy.dedupe import rule_for
 from netwatch.proxy.dispatch import Answer, Dispatcher, error
+from netwatch.proxy.flow import WriteGate
 from netwatch.proxy.forward import (
     BODYLESS,
     SMALL_RESPONSE,
@@ -85,11 +86,11 @@ class FastRequest:
 
     @property
     def content_length(self) -> int | None:
-        return self._head.content_length if "Content-Length" in self._head.headers else None
+        return self._head.content_length
 
     @property
     def body_exists(self) -> bool:
-        return self._head.content_length > 0
+        return self._head.body_size > 0
 
     def body_arrived(self) -> bool:
         return self._body is not None
@@ -123,8 +124,7 @@ class StationFront(asyncio.Protocol):
         self._scan = HeadScan()  # the head still arriving, checked as it comes
         self._task: asyncio.Task[None] | None = None
         self._waiting_body: tuple[int, asyncio.Future[bytes]] | None = None
-        self._drained: asyncio.Future[None] | None = None
-        self._writing_paused = False
+        self._gate = WriteGate()
         self._reading_paused = False
         self._eof = False
         self._lost = False
@@ -173,21 +173,20 @@ class StationFront(asyncio.Protocol):
         return True  # half-open: the answer in progress still goes out
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._gate.pause()
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self._gate.resume()
         if self._inner is not None:
             self._inner.resume_writing()
-        self._wake_writer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.open.discard(self)
         self._lost = True
         self._fail_body_wait()
-        self._wake_writer()
+        self._gate.lose()  # a writer waiting ends as "the station left" (reset)
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
@@ -227,10 +226,10 @@ class StationFront(asyncio.Protocol):
         self._take(head, size)
 
     def _take(self, head: Head, size: int) -> None:
-        need = size + head.content_length
+        need = size + head.body_size
         if len(self._buf) >= need:
             del self._buf[:size]
-            body = self._consume(head.content_length) if head.content_length else b""
+            body = self._consume(head.body_size) if head.body_size else b""
             request = FastRequest(head, body, self)
         else:
             settings = self._dispatcher.settings
@@ -240,7 +239,7 @@ class StationFront(asyncio.Protocol):
             del self._buf[:size]
             request = FastRequest(head, None, self)
             future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._waiting_body = (head.content_length, future)
+            self._waiting_body = (head.body_size, future)
         transport = self._transport_or_raise()
         self._limits.busy(transport)
         self._task = asyncio.get_running_loop().create_task(self._serve(request, head))
@@ -270,7 +269,7 @@ class StationFront(asyncio.Protocol):
         self._owner.handed_over += 1
         inner = self._inner = self._fallback()
         inner.connection_made(transport)
-        if self._writing_paused:
+        if self._gate.paused:
             inner.pause_writing()
         if self._reading_paused:
             self._reading_paused = False
@@ -300,15 +299,15 @@ class StationFront(asyncio.Protocol):
             dispatcher.cut(cut.reason)
             dispatcher.counted(head.method, "failed")
             log.warning("proxy_response_cut", method=head.method, reason=str(cut))
-            self._abort()
+            self.abort()
         except ConnectionResetError:
             log.debug("proxy_station_disconnected", method=head.method)
-            self._abort()
+            self.abort()
         except Exception:
             log.exception("proxy_handler_failed", method=head.method)
             keep_alive = False
             if self._answered:  # a head is out already: only a cut can tell the station
-                self._abort()
+                self.abort()
             else:
                 self._write_answer(head, error(500, "internal_error"), keep_alive)
         finally:
@@ -373,33 +372,17 @@ class StationFront(asyncio.Protocol):
         self._write(self._relay_head(head, upstream, keep_alive, framing))
         while chunk := await upstream.read_chunk():
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            await self._drain()
+            await self._gate.wait()
         if chunked:
             self._write(b"0\r\n\r\n")
         return keep_alive
-
-    async def _drain(self) -> None:
-        if self._lost:
-            raise ConnectionResetError("the station left during the answer")
-        if self._writing_paused:
-            self._drained = asyncio.get_running_loop().create_future()
-            try:
-                await self._drained
-            finally:
-                self._drained = None
-            if self._lost:
-                raise ConnectionResetError("the station left during the answer")
-
-    def _wake_writer(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
 
     def _close(self) -> None:
         self._closing = True
         if self._transport is not None and not self._lost:
             self._transport.close()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self._closing = True
         if self._transport is not None:
             self._transport.abort()
@@ -410,9 +393,6 @@ class StationFront(asyncio.Protocol):
             self._close()
         self._closing_soon = True
         return self._task
-
-    def abort(self) -> None:
-        self._abort()
 
 
 class Fronts:

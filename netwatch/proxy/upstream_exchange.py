@@ -20,6 +20,8 @@ from typing import Protocol, cast
 import httptools
 from multidict import CIMultiDict
 
+from netwatch.proxy.flow import WriteGate
+
 MAX_HEAD = 64 * 1024  # response status line and headers, together
 HIGH_WATER = 256 * 1024  # response body buffered before reading from the upstream pauses
 
@@ -88,7 +90,7 @@ _NO_HEADERS: CIMultiDict[str] = CIMultiDict()  # until the head is in (never wri
 class Connection(asyncio.Protocol):
     """One keep-alive connection; the response in progress parses what arrives."""
 
-    __slots__ = ("_drained", "_paused", "client", "closed", "idle_since", "response", "transport")
+    __slots__ = ("_gate", "client", "closed", "idle_since", "response", "transport")
 
     def __init__(self, client: Pool) -> None:
         self.client = client
@@ -96,8 +98,7 @@ class Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._paused = False
-        self._drained: asyncio.Future[None] | None = None
+        self._gate = WriteGate()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -116,28 +117,18 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.client.lost(self)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(exc or ConnectionResetError("connection lost"))
+        self._gate.lose(exc)
         if self.response is not None:
             self.response.lost(exc)
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self._gate.pause()
 
     def resume_writing(self) -> None:
-        self._paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._gate.resume()
 
     async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("connection lost")
-        if self._paused:
-            self._drained = asyncio.get_running_loop().create_future()
-            try:
-                await self._drained
-            finally:
-                self._drained = None
+        await self._gate.wait()
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:

@@ -127,9 +127,13 @@ class Head:
         self.path = ""
         self.raw_query = ""
         self.headers: CIMultiDict[str] = CIMultiDict()
-        self.content_length = 0
+        self.content_length: int | None = None  # as announced; None: no header
         self.keep_alive = True
         self.minor = 1
+
+    @property
+    def body_size(self) -> int:
+        return self.content_length or 0
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
@@ -150,13 +154,14 @@ def parse_head(head: bytes, max_body: int) -> Head | None:
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None
     method = parser.get_method().decode("ascii")
-    if method not in FAST_METHODS or parser.get_http_version() not in {"1.1", "1.0"}:
+    version = parser.get_http_version()
+    if method not in FAST_METHODS or version not in {"1.1", "1.0"}:
         return None
     target = parsed._url.decode("ascii")
     path, _, query = target.partition("?")
     if not path.startswith("/") or _NOT_PLAIN_PATH.search(target) or path.startswith("/_netwatch"):
         return None
-    minor = 1 if parser.get_http_version() == "1.1" else 0
+    minor = 1 if version == "1.1" else 0
     if not _take_headers(parsed, max_body, needs_host=minor == 1):
         return None
     parsed.method = method
@@ -204,7 +209,7 @@ def _take_headers(parsed: Head, max_body: int, *, needs_host: bool) -> bool:
         return False
     parsed._names = []
     parsed.headers = CIMultiDict(pairs)
-    parsed.content_length = length or 0
+    parsed.content_length = length
     return True
 
 
