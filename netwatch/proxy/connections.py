@@ -117,9 +117,9 @@ class ConnectionLimits:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
-        if transport is None or transport not in self._conns:
+        if transport is None:
             return await handler(request)
-        self.busy(transport)
+        self.busy(transport)  # (both a no-op for a connection no longer tracked)
         try:
             return await handler(request)
         finally:
